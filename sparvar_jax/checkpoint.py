@@ -1,0 +1,105 @@
+"""Reading converted checkpoint directories (written by `python -m convert.<model>`).
+
+Layout: `DIR/config.json` ({"configs": {name: config dict}, "meta": {...}}) and one
+orbax tree per component, `DIR/<name>/` (e.g. `var`, `vae`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from sparvar_jax import configs as configs_lib
+
+CONFIG_FILE = "config.json"
+
+
+class CheckpointError(Exception):
+  """A converted checkpoint directory is missing, incomplete or of the wrong kind."""
+
+
+def read_config(ckpt_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Returns ({component: config dataclass}, meta)."""
+  path = os.path.join(ckpt_dir, CONFIG_FILE)
+  if not os.path.isdir(ckpt_dir):
+    raise CheckpointError(f"checkpoint directory {ckpt_dir!r} does not exist. Convert the "
+                          "official weights first, e.g. `python -m convert.var --var "
+                          "var_d16.pth --vae vae_ch160v4096z32.pth --out DIR`.")
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{ckpt_dir!r} has no {CONFIG_FILE}: it is not a converted "
+                          "checkpoint (or its conversion did not finish). Convert again.")
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+    cfgs = {k: configs_lib.config_from_dict(v) for k, v in raw["configs"].items()}
+  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    raise CheckpointError(f"{path!r} is malformed ({e}); convert the checkpoint again.") from e
+  return cfgs, raw.get("meta", {})
+
+
+def read_tree(ckpt_dir: str, name: str) -> dict[str, Any]:
+  """Restores one component's parameter tree as numpy arrays."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.path.join(ckpt_dir, name))
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{ckpt_dir!r} has no component {name!r}; found "
+                          f"{sorted(os.listdir(ckpt_dir))}. Convert again.")
+  try:
+    tree = ocp.StandardCheckpointer().restore(path)
+  except Exception as e:  # orbax raises many types for damaged trees
+    raise CheckpointError(f"could not read {path!r}: {type(e).__name__}: {str(e)[:300]}. "
+                          "The directory is damaged; convert again.") from e
+  return _to_numpy_tree(tree)
+
+
+def _to_numpy_tree(tree):
+  if isinstance(tree, dict):
+    return {k: _to_numpy_tree(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def load_into(model, tree: dict[str, Any], what: str = "model"):
+  """Copies a pure-dict tree into an NNX model, strictly (same paths and shapes)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  state = nnx.state(model, nnx.Param)
+  want = _flat(nnx.to_pure_dict(state))
+  have = _flat(tree)
+  missing = sorted(set(want) - set(have))
+  unexpected = sorted(set(have) - set(want))
+  shapes = sorted(f"{k}: model {tuple(want[k].shape)}, checkpoint {tuple(have[k].shape)}"
+                  for k in set(want) & set(have) if tuple(want[k].shape) != tuple(have[k].shape))
+  if missing or unexpected or shapes:
+    raise CheckpointError(
+        f"the converted {what} does not fit the model built from its config:\n"
+        f"missing: {missing[:40]}\nunexpected: {unexpected[:40]}\nshapes: {shapes[:40]}\n"
+        "Convert again with this version of sparvar-jax.")
+  cast = {k: jnp.asarray(v, dtype=want[k].dtype) for k, v in have.items()}
+  nnx.replace_by_pure_dict(state, _unflat(cast))
+  nnx.update(model, state)
+  return model
+
+
+def _flat(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, prefix + (str(k),)))
+    else:
+      out["/".join(prefix + (str(k),))] = v
+  return out
+
+
+def _unflat(flat):
+  tree: dict[str, Any] = {}
+  for k, v in flat.items():
+    parts = k.split("/")
+    node = tree
+    for p in parts[:-1]:
+      node = node.setdefault(p, {})
+    node[parts[-1]] = v
+  return tree
