@@ -1,0 +1,93 @@
+"""Writing what people look at (PNG images and grids) and what machines read (JSON, NPZ).
+
+Every file is written to a temporary name in the destination folder and renamed into
+place, so an interrupted run never leaves a half-written output that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+
+class OutputError(Exception):
+  """The output location cannot be written."""
+
+
+def prepare_dir(path: str) -> str:
+  """Creates `path` if needed and proves it is writable before any work starts."""
+  path = os.path.abspath(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise OutputError(f"cannot write to output folder {path!r}: {e.strerror or e}. Choose a "
+                      "writable --out.") from e
+  return path
+
+
+def _atomic_write(path: str, write_fn) -> None:
+  d = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=d)
+  os.close(fd)
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def to_uint8(img_HW3: np.ndarray) -> np.ndarray:
+  """[0, 1] float -> uint8 by truncation, as the official scripts do (x * 255 -> uint8)."""
+  return (np.clip(np.asarray(img_HW3, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def make_grid(imgs_BHW3: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
+  """Tiles a batch of [0, 1] images into one uint8 grid with `pad` white pixels between."""
+  imgs = np.asarray(imgs_BHW3)
+  B, H, W, _ = imgs.shape
+  ncol = ncol or min(B, 8)
+  nrow = -(-B // ncol)
+  grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, 3), 255, np.uint8)
+  for i in range(B):
+    r, c = divmod(i, ncol)
+    y, x = pad + r * (H + pad), pad + c * (W + pad)
+    grid[y:y + H, x:x + W] = to_uint8(imgs[i])
+  return grid
+
+
+def save_png(path: str, img: np.ndarray) -> None:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  arr = img if img.dtype == np.uint8 else to_uint8(img)
+  _atomic_write(path, lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def save_json(path: str, obj: dict[str, Any]) -> None:
+  def write(tmp):
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=1, default=_json_default)
+      f.write("\n")
+  _atomic_write(path, write)
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+  def write(tmp):
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+  _atomic_write(path, write)
+
+
+def _json_default(o):
+  if isinstance(o, np.generic):
+    return o.item()
+  if isinstance(o, np.ndarray):
+    return o.tolist()
+  raise TypeError(f"not JSON serialisable: {type(o).__name__}")

@@ -1,0 +1,179 @@
+r"""Generate images with VAR (class-conditional ImageNet) from the command line.
+
+With no arguments it runs an embedded default: a small, randomly initialised VAR and
+VQVAE (the images are noise — the weights are random), on the CPU in seconds, to show
+the whole path works. For real images, convert the official checkpoints first:
+
+  python -m convert.var --var var_d16.pth --vae vae_ch160v4096z32.pth --out ckpt/var_d16
+  python -m sparvar_jax.sample --checkpoint ckpt/var_d16 --labels 207,360,387,974 \
+      --cfg 4 --top_k 900 --top_p 0.95 --seed 0 --out samples/
+
+Writes `grid.png`, one PNG per image and `report.json` (settings, per-scale timings)
+under --out; `--save_npz` adds `samples.npz` (token indices per scale, float image) for
+exact comparisons.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
+                                  "(python -m convert.var). Default: a random tiny model.")
+_OUT = flags.DEFINE_string("out", "samples", "Output folder.")
+_LABELS = flags.DEFINE_string("labels", None, "Comma-separated ImageNet class ids in "
+                              "[0, 1000); one id is repeated over the batch. Default: "
+                              "drawn uniformly from --seed.")
+_BATCH = flags.DEFINE_integer("batch", None, "Images to generate (default: the number of "
+                              "labels, or 4).")
+_CFG = flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance ratio (>= 0).")
+_TOP_K = flags.DEFINE_integer("top_k", 900, "Top-k sampling (0 = off, 1 = greedy).")
+_TOP_P = flags.DEFINE_float("top_p", 0.96, "Top-p sampling in [0, 1) (0 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_MORE_SMOOTH = flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax smoothing (official "
+                                 "visualisation option; not for FID).")
+_SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write samples.npz.")
+_DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
+                           "Compute dtype of the transformer blocks (auto: bfloat16 on GPU, "
+                           "float32 on CPU).")
+
+
+class UsageError(Exception):
+  """Bad command-line input; printed as one paragraph without a traceback."""
+
+
+def _parse_labels(text: str | None, batch: int | None) -> tuple[list[int] | None, int]:
+  labels = None
+  if text:
+    try:
+      labels = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError as e:
+      raise UsageError(f"--labels must be comma-separated integers, got {text!r}") from e
+    if not labels:
+      raise UsageError("--labels is empty")
+  if batch is not None and batch < 1:
+    raise UsageError(f"--batch must be >= 1, got {batch}")
+  if labels is None:
+    return None, batch or 4
+  if batch is None:
+    batch = len(labels)
+  if len(labels) == 1:
+    labels = labels * batch
+  if len(labels) != batch:
+    raise UsageError(f"--labels gives {len(labels)} ids but --batch is {batch}: give one id "
+                     "or exactly --batch ids")
+  return labels, batch
+
+
+def _setup_jax():
+  import jax  # pylint: disable=g-import-not-at-top
+  cache = os.environ.get("SPARVAR_COMPILE_CACHE",
+                         os.path.join(os.path.expanduser("~"), ".cache", "sparvar_jax", "xla"))
+  try:
+    jax.config.update("jax_compilation_cache_dir", cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  except Exception:  # an unwritable cache only costs compile time
+    pass
+  return jax
+
+
+def _load_models(checkpoint: str | None, dtype, seed: int):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.models import var as var_lib  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.vae import var_vqvae  # pylint: disable=g-import-not-at-top
+  if checkpoint is None:
+    rngs = nnx.Rngs(seed)
+    var = var_lib.VAR(configs.VAR_TINY, rngs=rngs, dtype=dtype)
+    vae = var_vqvae.VQVAE(configs.VQVAE_TINY, rngs=rngs)
+    return var, vae, "embedded default: tiny VAR (depth 2, width 128) with RANDOM weights"
+  var, vae = var_lib.load_var(checkpoint, dtype=dtype)
+  return var, vae, f"checkpoint {os.path.abspath(checkpoint)}"
+
+
+def run(argv_flags=None) -> dict:
+  """The CLI body; returns the report dict. Raises UsageError and friends on bad input."""
+  del argv_flags
+  from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
+
+  labels, batch = _parse_labels(_LABELS.value, _BATCH.value)
+  settings = VARSampling(cfg=_CFG.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                         more_smooth=_MORE_SMOOTH.value)
+  out_dir = outputs.prepare_dir(_OUT.value)
+
+  jax = _setup_jax()
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  platform = jax.devices()[0].platform
+  dtype_name = _DTYPE.value
+  if dtype_name == "auto":
+    dtype_name = "bfloat16" if platform == "gpu" else "float32"
+  dtype = jnp.dtype(dtype_name)
+
+  t0 = time.perf_counter()
+  var, vae, source = _load_models(_CHECKPOINT.value, dtype, _SEED.value)
+  print(f"model: {source}", file=sys.stderr)
+  if _CHECKPOINT.value is None:
+    print("note: the default model's weights are random, so its images are noise; pass "
+          "--checkpoint for real images.", file=sys.stderr)
+  settings.validate(var.cfg.vocab_size)
+  gen = VARGenerator(var, vae, batch, settings, cache_dtype=dtype)
+  if labels is None:
+    labels = gen.sample_labels(_SEED.value).tolist()
+  load_s = time.perf_counter() - t0
+
+  def progress(si, k, secs):
+    pn = var.cfg.patch_nums[si]
+    print(f"scale {si + 1:2d}/{k} ({pn}x{pn}): {secs * 1e3:8.1f} ms", file=sys.stderr)
+
+  res = gen(labels, seed=_SEED.value, progress=progress)
+  print(f"decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
+
+  for i, img in enumerate(res.image_BHW3):
+    outputs.save_png(os.path.join(out_dir, f"{i:03d}_class{labels[i]}.png"), img)
+  outputs.save_png(os.path.join(out_dir, "grid.png"), outputs.make_grid(res.image_BHW3))
+  if _SAVE_NPZ.value:
+    arrays = {f"idx_scale{si}": a for si, a in enumerate(res.idx_per_scale)}
+    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=res.image_BHW3,
+                     labels_B=res.labels_B, **arrays)
+  report = {
+      "model": source,
+      "random_weights": _CHECKPOINT.value is None,
+      "config": {"depth": var.cfg.depth, "embed_dim": var.cfg.embed_dim,
+                 "patch_nums": list(var.cfg.patch_nums), "vocab_size": var.cfg.vocab_size},
+      "settings": {"labels": labels, "batch": batch, "cfg": settings.cfg,
+                   "top_k": settings.top_k, "top_p": settings.top_p,
+                   "more_smooth": settings.more_smooth, "seed": _SEED.value,
+                   "dtype": dtype_name},
+      "device": str(jax.devices()[0]),
+      "seconds": {"load_and_build": load_s, "per_scale_first_run_incl_compile":
+                  res.scale_seconds, "decode": res.decode_seconds,
+                  "total_generate": sum(res.scale_seconds) + res.decode_seconds},
+      "image_shape": list(res.image_BHW3.shape),
+      "files": sorted(f for f in os.listdir(out_dir) if not f.startswith(".")),
+  }
+  outputs.save_json(os.path.join(out_dir, "report.json"), report)
+  print(f"wrote {len(res.image_BHW3)} images, grid.png and report.json to {out_dir}",
+        file=sys.stderr)
+  return report
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
+    sys.exit(2)
+  from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
+  try:
+    run()
+  except (UsageError, ValueError, CheckpointError, OutputError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
