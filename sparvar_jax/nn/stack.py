@@ -1,0 +1,48 @@
+"""Stacked layers: N identical modules with a leading layer axis, run with `lax.scan`.
+
+Compile time then does not grow with depth: the layer body is traced once. Parameters
+of a stacked module have shape [N, ...] (e.g. `blocks/attn/mat_qkv/kernel` [N, C, 3C]).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import jax
+from flax import nnx
+
+M = TypeVar("M", bound=nnx.Module)
+
+
+def stack_modules(make: Callable[[nnx.Rngs], M], n: int, rngs: nnx.Rngs) -> M:
+  """Builds `make(rngs)` n times with independent keys, stacked along axis 0."""
+
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r: nnx.Rngs) -> M:
+    return make(r)
+
+  return create(rngs)
+
+
+def num_layers(stacked: nnx.Module) -> int:
+  leaves = jax.tree.leaves(nnx.state(stacked, nnx.Param))
+  return leaves[0].shape[0]
+
+
+def scan_layers(stacked: nnx.Module, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+                carry: Any, xs: Any = None) -> tuple[Any, Any]:
+  """lax.scan over layers: `body(layer, carry, x_i) -> (carry, y_i)`.
+
+  `layer` is the i-th module (a fresh view of the i-th parameter slice); `xs` are extra
+  per-layer inputs with a leading axis N (or None). The layer index is available as
+  `jnp.arange(N)` passed in xs where the body needs it (e.g. to address a KV cache).
+  """
+  graphdef, state = nnx.split(stacked)
+
+  def step(c, inp):
+    st, x = inp
+    return body(nnx.merge(graphdef, st), c, x)
+
+  return jax.lax.scan(step, carry, (state, xs))
