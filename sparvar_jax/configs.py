@@ -188,6 +188,12 @@ class InfinityConfig:
 
 INFINITY_2B = InfinityConfig(depth=32, embed_dim=2048, num_heads=16, d_vae=32)
 INFINITY_8B = InfinityConfig(depth=40, embed_dim=3584, num_heads=28, d_vae=56)
+# Tiny configs (tests, golden fixtures): the 2B family (32 bits) and the 8B family
+# (56 bits = 14-channel VAE with 2x2 patchify); pool heads = text_channels // 128.
+INFINITY_TINY_D32 = InfinityConfig(depth=2, embed_dim=256, num_heads=2, d_vae=32, block_chunks=2,
+                                   text_channels=256)
+INFINITY_TINY_D56 = InfinityConfig(depth=2, embed_dim=256, num_heads=2, d_vae=56, block_chunks=2,
+                                   text_channels=512)
 
 
 # --------------------------------------------------------------------------------------
