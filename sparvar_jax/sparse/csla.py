@@ -1,0 +1,98 @@
+"""CSLA (cross-scale local sparse attention) masks, static, computed in numpy from the schedule.
+
+SparVAR's rule (Lvar `basic_sparvar.py`, `SparseFlexAttn`; see the algorithm notes 1.3): a
+query (y, x) of query scale qi (side Hq) sees
+  * every key of scales 0 .. sink_scales-1 (the attention sinks), and
+  * for each key scale j in sink_scales .. qi with window w_j >= 0: keys (ky, kx) with
+    |round(y / Hq * Hj) - ky| <= w_j // 2 and |round(x / Hq * Hj) - kx| <= w_j // 2
+    (numpy round, half to even); scales with w_j < 0 are not seen outside the sink.
+Keys are the KV-cache layout: scales concatenated, raster order inside each scale.
+
+`csla_token_mask` states the rule literally (dense, for tests and the reference);
+`csla_rule` turns it into the kernel's per-token box tables (projection is monotone in y and
+x, so the queries that see a key form an interval per axis).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pallas_kernels.block_mask import BlockMask, TokenBoxRule
+
+# Infinity 1024x1024 (pn=1M, 1:1): 13 scales.
+SCHEDULE_1024 = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+SINK_SCALES = 5
+WIN_SIZE = (-1,) * 8 + (1, 1, 3, 5, 7)
+
+
+def _bounds(schedule):
+  return np.concatenate([[0], np.cumsum([s * s for s in schedule])]).astype(np.int64)
+
+
+def _check(schedule, query_scale, win_size):
+  if not 0 <= query_scale < len(schedule):
+    raise ValueError(f"query_scale={query_scale} outside the schedule's {len(schedule)} scales.")
+  if len(win_size) < query_scale + 1:
+    raise ValueError(f"win_size has {len(win_size)} entries; scale {query_scale} needs "
+                     f"{query_scale + 1} (one per key scale).")
+
+
+def _project(hq: int, hj: int) -> np.ndarray:
+  return np.round(np.arange(hq) / hq * hj).astype(np.int64)
+
+
+def csla_token_mask(query_scale: int, schedule=SCHEDULE_1024, sink_scales: int = SINK_SCALES,
+                    win_size=WIN_SIZE) -> np.ndarray:
+  """bool [Hq*Hq, cum_tokens(query_scale + 1)]: the literal CSLA rule."""
+  _check(schedule, query_scale, win_size)
+  cum = _bounds(schedule)
+  hq = schedule[query_scale]
+  qy, qx = np.divmod(np.arange(hq * hq), hq)
+  m = np.zeros((hq * hq, int(cum[query_scale + 1])), bool)
+  m[:, :cum[min(sink_scales, query_scale + 1)]] = True
+  for j in range(sink_scales, query_scale + 1):
+    if win_size[j] < 0:
+      continue
+    hj, r = schedule[j], win_size[j] // 2
+    ky, kx = np.divmod(np.arange(hj * hj), hj)
+    cy = np.round(qy / hq * hj)
+    cx = np.round(qx / hq * hj)
+    m[:, cum[j]:cum[j + 1]] = ((np.abs(cy[:, None] - ky[None]) <= r)
+                               & (np.abs(cx[:, None] - kx[None]) <= r))
+  return m
+
+
+def csla_rule(query_scale: int, schedule=SCHEDULE_1024, sink_scales: int = SINK_SCALES,
+              win_size=WIN_SIZE) -> TokenBoxRule:
+  """Per-token tables of the CSLA rule: query (y, x) and per-key query box (numpy int32)."""
+  _check(schedule, query_scale, win_size)
+  cum = _bounds(schedule)
+  hq = schedule[query_scale]
+  qy, qx = np.divmod(np.arange(hq * hq), hq)
+  lk = int(cum[query_scale + 1])
+  box = np.tile(np.array([[1], [0], [1], [0]], np.int64), (1, lk))  # empty: never visible
+  sink_end = int(cum[min(sink_scales, query_scale + 1)])
+  box[:, :sink_end] = np.array([[0], [hq - 1], [0], [hq - 1]])
+  for j in range(sink_scales, query_scale + 1):
+    if win_size[j] < 0:
+      continue
+    hj, r = schedule[j], win_size[j] // 2
+    proj = _project(hq, hj)  # non-decreasing in the query coordinate
+    c = np.arange(hj)
+    lo = np.searchsorted(proj, c - r, side="left")       # first query with proj >= c - r
+    hi = np.searchsorted(proj, c + r, side="right") - 1  # last query with proj <= c + r
+    ky, kx = np.divmod(np.arange(hj * hj), hj)
+    box[:, cum[j]:cum[j + 1]] = np.stack([lo[ky], hi[ky], lo[kx], hi[kx]])
+  return TokenBoxRule(np.stack([qy, qx]).astype(np.int32), box.astype(np.int32))
+
+
+def csla_block_mask(query_scale: int, block_q: int = 128, block_kv: int = 128,
+                    schedule=SCHEDULE_1024, sink_scales: int = SINK_SCALES,
+                    win_size=WIN_SIZE) -> BlockMask:
+  """Static CSLA block mask (full / partial split), shared by heads and batch.
+
+  Used with `rule=None` it is SparVAR's block-granular kernel (any-pooled blocks computed
+  whole); with `rule=csla_rule(...)` the kernel applies the exact token rule in partial blocks.
+  """
+  rule = csla_rule(query_scale, schedule, sink_scales, win_size)
+  return BlockMask.from_rule(rule, block_q=block_q, block_kv=block_kv)
