@@ -1,0 +1,152 @@
+"""Dense attention that also returns per-query-group column sums (CS4A's decision step).
+
+Letters: B batch, Q queries, K keys, H heads, D head dim, G query groups, S selected slots.
+
+colsum[b, h, g, k] = sum over the queries q of group g (group_size consecutive queries) of
+softmax_k(q . k * scale), exactly normalised. Two passes: (1) dense attention returning the
+output and the log-sum-exp (our Pallas kernel, or cuDNN where its log-sum-exp is returned);
+(2) a Pallas kernel per key tile and group that recomputes the scores and sums
+exp(s - lse) over the group's queries. `topk_key_indices` turns column sums into the gather
+kernel's index lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _compat
+from pallas_kernels.block_mask import BlockMask
+from pallas_kernels.block_sparse import (LOG2E, BlockSparseConfig, _check_qkv, _is_pow2,
+                                         _pad_axis, block_sparse_attention)
+
+
+@dataclasses.dataclass(frozen=True)
+class ColsumConfig:
+  """Tiles of the column-sum pass (block_q divides the group size) + the dense pass config."""
+  block_q: int = 64
+  block_kv: int = 128
+  num_warps: int = 8
+  num_stages: int = 2
+  dense: BlockSparseConfig = BlockSparseConfig()
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv"):
+      val = getattr(self, name)
+      if not _is_pow2(val) or val < 16:
+        raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tiles).")
+
+
+def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block_q):
+  k = k_ref[...]
+  g = pl.program_id(1)
+
+  def body(c, acc):
+    start = pl.multiple_of(g * group_size + c * block_q, block_q)
+    q = q_ref[pl.ds(start, block_q), :]
+    lse2 = lse_ref[pl.ds(start, block_q)]
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    p = jnp.exp2(s * qk_scale - lse2[:, None])
+    return acc + jnp.sum(p, axis=0)
+
+  cs_ref[...] = lax.fori_loop(0, group_size // block_q, body,
+                              jnp.zeros((k.shape[0],), jnp.float32))
+
+
+def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
+                config: ColsumConfig = ColsumConfig(), interpret: bool = False):
+  """Column sums [B, H, G, Lk] f32 from q [B, Lq, H, D], k [B, Lk, H, D], lse [B, H, Lq] (natural log)."""
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  scale = d ** -0.5 if scale is None else scale
+  if group_size % config.block_q:
+    raise ValueError(f"group_size={group_size} must be a multiple of config.block_q="
+                     f"{config.block_q}.")
+  ng = -(-lq // group_size)
+  lq_pad, lk_pad = ng * group_size, -(-lk // config.block_kv) * config.block_kv
+  # Padding queries get lse = +inf so they add exp2(-inf) = 0.
+  lse2 = _pad_axis(lse.astype(jnp.float32) * LOG2E, 2, lq_pad, value=jnp.inf)
+  sq = _compat.SQUEEZED
+  kernel = functools.partial(_colsum_kernel, qk_scale=scale * LOG2E, group_size=group_size,
+                             block_q=config.block_q)
+  with _compat.quiet_triton_deprecation():
+    cs = pl.pallas_call(
+        kernel, out_shape=jax.ShapeDtypeStruct((b, h, ng, lk_pad), jnp.float32),
+        grid=(lk_pad // config.block_kv, ng, b * h),
+        in_specs=[pl.BlockSpec((sq, lq_pad, sq, d), lambda kb, g, bh: (bh // h, 0, bh % h, 0)),
+                  pl.BlockSpec((sq, config.block_kv, sq, d),
+                               lambda kb, g, bh: (bh // h, kb, bh % h, 0)),
+                  pl.BlockSpec((sq, sq, lq_pad), lambda kb, g, bh: (bh // h, bh % h, 0))],
+        out_specs=pl.BlockSpec((sq, sq, sq, config.block_kv),
+                               lambda kb, g, bh: (bh // h, bh % h, g, kb)),
+        compiler_params=_compat.triton_params(config.num_warps, config.num_stages),
+        interpret=interpret, name="attention_column_sums",
+    )(_pad_axis(q, 1, lq_pad), _pad_axis(k, 1, lk_pad), lse2)
+  return cs[..., :lk]
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "scale", "dense_impl", "config",
+                                             "interpret"))
+def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = None,
+                           dense_impl: str = "pallas", config: ColsumConfig = ColsumConfig(),
+                           interpret: bool = False):
+  """Dense attention output [B, Lq, H, D] (q.dtype) and column sums [B, H, G, Lk] f32.
+
+  dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp) or
+  "cudnn" (jax.nn.dot_product_attention with return_residual; GPU only).
+  """
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  _check_qkv(q, k, v, lk)
+  scale = d ** -0.5 if scale is None else scale
+  if dense_impl == "pallas":
+    dc = config.dense
+    mask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=dc.block_q, block_kv=max(dc.block_kv, 128))
+    out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True, config=dc,
+                                      interpret=interpret)
+  elif dense_impl == "cudnn":
+    out, lse_bqh = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
+                                                return_residual=True)
+    lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
+  else:
+    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas' or 'cudnn'.")
+  return out, column_sums(q, k, lse, group_size=group_size, scale=scale, config=config,
+                          interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "scale"))
+def dense_colsum_attention_reference(q, k, v, *, group_size: int, scale: float | None = None):
+  """Pure-JAX f32 reference: (out [B, Lq, H, D] f32, colsum [B, H, G, Lk] f32)."""
+  b, lq, h, d = q.shape
+  scale = d ** -0.5 if scale is None else scale
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=lax.Precision.HIGHEST) * scale
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=lax.Precision.HIGHEST)
+  ng = -(-lq // group_size)
+  p = _pad_axis(p, 2, ng * group_size)
+  return out, p.reshape(b, h, ng, group_size, -1).sum(axis=3)
+
+
+def key_budget(fraction: float, kv_len: int, multiple_of: int = 64) -> int:
+  """SparVAR's budget: round(fraction * kv_len / multiple_of) * multiple_of, in [multiple_of, kv_len]."""
+  n = int(round(fraction * kv_len / multiple_of)) * multiple_of
+  return int(min(max(n, multiple_of), kv_len))
+
+
+@functools.partial(jax.jit, static_argnames=("budget",))
+def topk_key_indices(colsum_BHGK, budget: int):
+  """Top-`budget` keys per group: indices int32 [B, H, G, budget] (ascending), counts [B, H, G]."""
+  lk = colsum_BHGK.shape[-1]
+  if not 0 < budget <= lk:
+    raise ValueError(f"budget={budget} must lie in [1, Lk={lk}].")
+  _, idx = lax.top_k(colsum_BHGK, budget)
+  # Ascending order keeps the gathered rows close together in memory.
+  idx = jnp.sort(idx.astype(jnp.int32), axis=-1)
+  return idx, jnp.full(colsum_BHGK.shape[:3], budget, jnp.int32)
+

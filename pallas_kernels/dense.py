@@ -1,0 +1,31 @@
+"""Dense attention for the rest of the model: one switch over the implementations we have.
+
+"cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; fastest measured so far).
+"pallas": our block-sparse kernel with every block visited (any Lk; Triton lowering).
+"xla": `jax.nn.dot_product_attention(implementation="xla")` (portable fallback, CPU tests).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels.block_mask import BlockMask
+from pallas_kernels.block_sparse import BlockSparseConfig, block_sparse_attention
+
+IMPLEMENTATIONS = ("cudnn", "pallas", "xla")
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "scale", "config", "interpret"))
+def dense_attention(q, k, v, *, implementation: str = "cudnn", scale: float | None = None,
+                    config: BlockSparseConfig = BlockSparseConfig(), interpret: bool = False):
+  """q [B, Lq, H, D], k, v [B, Lk, H, D] -> [B, Lq, H, D] in q.dtype (no mask)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if implementation in ("cudnn", "xla"):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+  if implementation == "pallas":
+    mask = BlockMask.dense(q_len=q.shape[1], kv_len=k.shape[1], block_q=config.block_q,
+                           block_kv=max(config.block_kv, 128))
+    return block_sparse_attention(q, k, v, mask, scale=scale, config=config, interpret=interpret)
+  raise ValueError(f"implementation={implementation!r}; choose one of {IMPLEMENTATIONS}.")
