@@ -137,11 +137,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     with safe_open(path, framework="np") as fh:
       keys = [k for k in fh.keys() if _wanted(k)]
       for k in keys:
-        out[k] = fh.get_tensor(k)
-  except TypeError:  # bf16 has no numpy dtype: read through torch instead
-    with safe_open(path, framework="pt") as fh:
-      for k in keys:
-        out[k] = fh.get_tensor(k).float().numpy()
+        v = fh.get_tensor(k)
+        # Half types are widened (as for .bin files); --dtype decides what is stored.
+        out[k] = v.astype(np.float32) if str(v.dtype) in ("bfloat16", "float16") else v
   except Exception as e:  # safetensors raises several types for corrupt files
     raise ConversionError(f"could not read safetensors file {path!r}: {e}. The file is "
                           "corrupt or truncated; download it again.") from e

@@ -282,3 +282,29 @@ def test_load_t5_errors(tmp_path, converted, tok_dir):
   (e / "config.json").write_text(open(os.path.join(converted, "config.json")).read())
   with pytest.raises(text.T5LoadError, match="has no spiece.model"):
     text.load_t5(str(e))
+
+
+def test_cli_converts_bf16_checkpoint(hf_encoder, tok_dir, tmp_path):
+  """The CLI on a bf16 safetensors checkpoint, stored as bf16: exact weights, fp32 parity."""
+  import copy
+  from sparvar_jax import checkpoint
+  model16 = copy.deepcopy(hf_encoder).to(torch.bfloat16)
+  hf_dir = _save_hf(model16, str(tmp_path / "hf"), tok_dir, "safetensors")
+  out = str(tmp_path / "out")
+  r = subprocess.run([sys.executable, "-m", "convert.t5", "--hf_dir", hf_dir, "--out", out,
+                      "--dtype", "bfloat16"], cwd=_REPO, capture_output=True, text=True,
+                     timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stderr
+  q = checkpoint.read_tree(out, "t5")["layers"]["q"]
+  assert str(q.dtype) == "bfloat16"
+  ref_q = model16.state_dict()["encoder.block.1.layer.0.SelfAttention.q.weight"]
+  np.testing.assert_array_equal(np.asarray(q[1], np.float32), ref_q.float().numpy().T)
+  encoder, tok = text.load_t5(out)  # fp32 model from bf16-valued weights
+  model32 = model16.float()
+  prompts = ["a cat", "a watercolor painting of mountains at sunrise"]
+  feats, lens = text.encode_prompts(encoder, tok, prompts)
+  batch = hf_tokenizer(tok_dir)(prompts, max_length=512, padding="max_length",
+                                truncation=True, return_tensors="np")
+  ref = _hf_forward(model32, batch["input_ids"], batch["attention_mask"])
+  for b, n in enumerate(lens):
+    assert _rel(np.asarray(feats)[b, :n], ref[b, :n]) <= 1e-5
