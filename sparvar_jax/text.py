@@ -173,6 +173,8 @@ def encode_prompts(encoder, tokenizer: T5Tokenizer, prompts: Sequence[str], *,
   lens = np.array([len(r) for r in rows], np.int32)
   if length is None:
     length = bucket_length(int(lens.max()), tokenizer.max_len)
+  elif not 1 <= length <= tokenizer.max_len:
+    raise ValueError(f"length must be in [1, {tokenizer.max_len}], got {length}")
   ids, mask = _pad(rows, length)
   feats = _forward_jit(encoder, jnp.asarray(ids), jnp.asarray(mask))
   return feats, lens
