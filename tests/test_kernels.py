@@ -1,0 +1,237 @@
+"""Kernels vs references on CPU: references vs a naive float64 softmax, Pallas kernels in
+interpret mode on small odd shapes (lengths that are not block multiples)."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
+                            block_sparse_attention, block_sparse_attention_reference,
+                            column_sums, dense_attention, dense_colsum_attention,
+                            dense_colsum_attention_reference, gather_attention,
+                            gather_attention_reference, key_budget, token_mask_of,
+                            topk_key_indices, validate_gather_lists)
+from sparvar_jax.sparse import csla
+
+SMALL_SCHEDULE = (1, 2, 4, 6, 8, 12)   # 144 queries x 265 keys at the last scale
+SMALL_WIN = (-1, -1, 1, 1, 3, 5)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _qkv(rng, b, lq, lk, h, d):
+  return tuple(jnp.asarray(rng.standard_normal(s), jnp.float32)
+               for s in ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d)))
+
+
+def naive_masked_attention(q, k, v, keep, scale):
+  """float64 loops: softmax over the kept keys of each query; no key -> zeros, lse -inf."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, lq, h, _ = q.shape
+  keep = np.broadcast_to(np.asarray(keep), (b, h) + np.asarray(keep).shape[2:])
+  out = np.zeros_like(q)
+  lse = np.full((b, h, lq), -np.inf)
+  for bi in range(b):
+    for hi in range(h):
+      for qi in range(lq):
+        sel = np.nonzero(keep[bi, hi, qi])[0]
+        if sel.size == 0:
+          continue
+        s = k[bi, sel, hi] @ q[bi, qi, hi] * scale
+        mx = s.max()
+        p = np.exp(s - mx)
+        out[bi, qi, hi] = p @ v[bi, sel, hi] / p.sum()
+        lse[bi, hi, qi] = mx + np.log(p.sum())
+  return out, lse
+
+
+# ------------------------------------------------------------------ references vs float64
+
+
+def test_block_sparse_reference_matches_naive_float64():
+  rng = np.random.default_rng(1)
+  q, k, v = _qkv(rng, 2, 37, 53, 3, 8)
+  types = rng.integers(0, 3, size=(1, 3, 3, 4))
+  types[0, 1, 2] = 0  # an empty query-block row for head 1
+  m = BlockMask.from_block_types(types, q_len=37, kv_len=53, block_q=16, block_kv=16)
+  keep = np.asarray(token_mask_of(m))
+  assert not keep[0, 1, 32:].any()
+  out, lse = block_sparse_attention_reference(q, k, v, m, scale=0.3, return_lse=True)
+  want, want_lse = naive_masked_attention(q, k, v, keep, 0.3)
+  assert _rel(out, want) < 1e-6
+  np.testing.assert_array_equal(np.asarray(out)[:, 32:, 1], 0.0)
+  fin = np.isfinite(want_lse)
+  np.testing.assert_allclose(np.asarray(lse)[fin], want_lse[fin], rtol=1e-6, atol=1e-6)
+  assert np.all(np.asarray(lse)[~fin] == -np.inf)
+
+
+def test_gather_reference_matches_naive_float64():
+  rng = np.random.default_rng(2)
+  q, k, v = _qkv(rng, 1, 45, 30, 2, 8)
+  g, slots = 16, 7
+  idx = np.stack([np.sort(rng.choice(30, slots, replace=False)) for _ in range(1 * 2 * 3)])
+  idx = jnp.asarray(idx.reshape(1, 2, 3, slots), jnp.int32)
+  cnt = jnp.asarray([[[7, 3, 0], [5, 7, 1]]], jnp.int32)
+  res = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  out = gather_attention_reference(q, k, v, idx, cnt, res, group_size=g, scale=0.5)
+  keep = np.zeros((1, 2, 45, 30), bool)
+  for hi in range(2):
+    for gi in range(3):
+      keep[0, hi, gi * g:(gi + 1) * g, np.asarray(idx)[0, hi, gi, :int(cnt[0, hi, gi])]] = True
+  want, _ = naive_masked_attention(q, k, v, keep, 0.5)
+  assert _rel(out, want + np.asarray(res)) < 1e-6
+  # Group 2 of head 0 has no key: the output is the residual alone.
+  np.testing.assert_allclose(np.asarray(out)[0, 32:, 0], np.asarray(res)[0, 32:, 0], atol=1e-7)
+
+
+def test_colsum_reference_matches_naive_float64():
+  rng = np.random.default_rng(3)
+  q, k, v = _qkv(rng, 1, 21, 13, 2, 8)
+  out, cs = dense_colsum_attention_reference(q, k, v, group_size=8)
+  qd, kd = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  s = np.einsum("bqhd,bkhd->bhqk", qd, kd) / np.sqrt(8)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  want = np.stack([p[:, :, i:i + 8].sum(2) for i in range(0, 21, 8)], axis=2)
+  np.testing.assert_allclose(np.asarray(cs), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(cs).sum(-1)[0, 0], [8, 8, 5], rtol=1e-5)
+  want_out, _ = naive_masked_attention(q, k, v, np.ones((1, 1, 21, 13), bool), 8 ** -0.5)
+  assert _rel(out, want_out) < 1e-6
+
+
+# ------------------------------------------------------------------ kernels (interpret mode)
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["block_granular", "exact"])
+def test_block_sparse_kernel_csla_small_schedule(exact):
+  """CSLA at a small schedule: mask blocks 32x32, kernel tiles 16x16 (sub-tiling), odd lengths."""
+  rng = np.random.default_rng(4)
+  rule = csla.csla_rule(5, SMALL_SCHEDULE, sink_scales=2, win_size=SMALL_WIN)
+  m = BlockMask.from_rule(rule, block_q=32, block_kv=32)
+  q, k, v = _qkv(rng, 1, rule.q_len, rule.kv_len, 2, 16)
+  use = rule if exact else None
+  out, lse = block_sparse_attention(q, k, v, m, use, return_lse=True,
+                                    config=BlockSparseConfig(16, 16), interpret=True)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, use, return_lse=True)
+  assert _rel(out, ref) < 1e-5
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(ref_lse), rtol=1e-5, atol=1e-5)
+  # Exact mode is the literal CSLA token mask; block-granular mode attends more keys.
+  want, _ = naive_masked_attention(q, k, v, csla.csla_token_mask(
+      5, SMALL_SCHEDULE, sink_scales=2, win_size=SMALL_WIN)[None, None], 16 ** -0.5)
+  assert (_rel(out, want) < 1e-5) if exact else (_rel(out, want) > 1e-2)
+
+
+def test_block_sparse_kernel_per_head_random_mask_with_empty_rows():
+  """Per-head masks broadcast over batch, odd Lq/Lk, empty query rows -> zeros and lse -inf."""
+  rng = np.random.default_rng(5)
+  b, lq, lk, h, d = 2, 45, 83, 3, 64
+  q, k, v = _qkv(rng, b, lq, lk, h, d)
+  types = (rng.random((1, h, 3, 6)) < 0.5).astype(np.int8) * rng.integers(1, 3, (1, h, 3, 6))
+  types[0, 2, 1] = 0
+  m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=16, block_kv=16)
+  out, lse = block_sparse_attention(q, k, v, m, scale=0.2, return_lse=True,
+                                    config=BlockSparseConfig(16, 16), interpret=True)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, scale=0.2, return_lse=True)
+  assert _rel(out, ref) < 1e-5
+  np.testing.assert_array_equal(np.asarray(out)[:, 16:32, 2], 0.0)
+  assert np.all(np.asarray(lse)[:, 2, 16:32] == -np.inf)
+  fin = np.isfinite(np.asarray(ref_lse))
+  np.testing.assert_allclose(np.asarray(lse)[fin], np.asarray(ref_lse)[fin], rtol=1e-5, atol=1e-5)
+
+
+def test_dense_pallas_matches_xla_with_padded_kv_buffer():
+  rng = np.random.default_rng(6)
+  q, k, v = _qkv(rng, 1, 33, 70, 2, 16)
+  out = dense_attention(q, k, v, implementation="pallas", config=BlockSparseConfig(16, 16),
+                        interpret=True)
+  ref = dense_attention(q, k, v, implementation="xla")
+  assert _rel(out, ref) < 1e-5
+  # A longer (cache-like) key buffer with kv_len=70: keys past kv_len are ignored.
+  m = BlockMask.dense(q_len=33, kv_len=70, block_q=16, block_kv=16)
+  kb = jnp.concatenate([k, 100 * jnp.ones_like(k[:, :10])], axis=1)
+  vb = jnp.concatenate([v, 100 * jnp.ones_like(v[:, :10])], axis=1)
+  out2 = block_sparse_attention(q, kb, vb, m, config=BlockSparseConfig(16, 16), interpret=True)
+  assert _rel(out2, ref) < 1e-5
+  with pytest.raises(ValueError, match="implementation="):
+    dense_attention(q, k, v, implementation="flash")
+
+
+def test_gather_kernel_with_residual_and_empty_groups():
+  rng = np.random.default_rng(7)
+  b, lq, lk, h, d, g = 1, 50, 90, 2, 16, 32
+  q, k, v = _qkv(rng, b, lq, lk, h, d)
+  slots = 40
+  idx = np.stack([np.sort(rng.choice(lk, slots, replace=False)) for _ in range(b * h * 2)])
+  idx = jnp.asarray(idx.reshape(b, h, 2, slots), jnp.int32)
+  cnt = jnp.asarray([[[40, 0], [17, 33]]], jnp.int32)
+  validate_gather_lists(idx, cnt, lk)
+  res = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  for residual in (None, res):
+    out = gather_attention(q, k, v, idx, cnt, residual, group_size=g,
+                           config=GatherConfig(16, 16), interpret=True)
+    ref = gather_attention_reference(q, k, v, idx, cnt, residual, group_size=g)
+    assert _rel(out, ref) < 1e-5
+    tail = np.asarray(out)[0, 32:, 0]
+    np.testing.assert_array_equal(tail, 0.0 if residual is None else np.asarray(res)[0, 32:, 0])
+
+
+def test_gather_validation_errors():
+  with pytest.raises(ValueError, match="outside"):
+    validate_gather_lists(np.array([[[[0, 9]]]]), np.array([[[2]]]), kv_len=9)
+  with pytest.raises(ValueError, match="counts must lie"):
+    validate_gather_lists(np.array([[[[0, 1]]]]), np.array([[[3]]]), kv_len=9)
+  q = jnp.zeros((1, 32, 1, 16))
+  with pytest.raises(ValueError, match="multiple of the query tile"):
+    gather_attention(q, q, q, jnp.zeros((1, 1, 2, 4), jnp.int32), jnp.zeros((1, 1, 2), jnp.int32),
+                     group_size=24, config=GatherConfig(16, 16), interpret=True)
+
+
+def test_colsum_kernel_and_topk_feed_the_gather_kernel():
+  rng = np.random.default_rng(8)
+  b, lq, lk, h, d, g = 1, 40, 75, 2, 16, 32
+  q, k, v = _qkv(rng, b, lq, lk, h, d)
+  cfg = ColsumConfig(16, 16, dense=BlockSparseConfig(16, 16))
+  out, cs = dense_colsum_attention(q, k, v, group_size=g, config=cfg, interpret=True)
+  ref_out, ref_cs = dense_colsum_attention_reference(q, k, v, group_size=g)
+  assert _rel(out, ref_out) < 1e-5
+  assert _rel(cs, ref_cs) < 1e-5
+  np.testing.assert_allclose(np.asarray(cs).sum(-1), [[[32, 8], [32, 8]]], rtol=1e-5)
+  budget = key_budget(0.2, lk, multiple_of=16)
+  assert budget == 16
+  idx, cnt = topk_key_indices(cs, budget)
+  want = np.sort(np.argsort(-np.asarray(ref_cs), axis=-1)[..., :budget], axis=-1)
+  np.testing.assert_array_equal(np.asarray(idx), want)
+  validate_gather_lists(idx, cnt, lk)
+  # CS4A's cache: O_dense - O_sparse, then sparse + cache gives back the dense output.
+  sparse = gather_attention(q, k, v, idx, cnt, group_size=g, config=GatherConfig(16, 16),
+                            interpret=True)
+  back = gather_attention(q, k, v, idx, cnt, out - sparse, group_size=g,
+                          config=GatherConfig(16, 16), interpret=True)
+  assert _rel(back, ref_out) < 1e-5
+  # lse given directly (e.g. from cuDNN) works the same.
+  _, lse = block_sparse_attention_reference(
+      q, k, v, BlockMask.dense(q_len=lq, kv_len=lk, block_q=16, block_kv=16), return_lse=True)
+  cs2 = column_sums(q, k, lse, group_size=g, config=cfg, interpret=True)
+  assert _rel(cs2, ref_cs) < 1e-5
+
+
+def test_key_budget_follows_sparvar_rounding():
+  assert key_budget(0.2, 4121, 112) == 784   # CUDA provider, as in the notes
+  assert key_budget(0.2, 4121, 64) == 832    # Triton provider
+  with pytest.raises(ValueError, match="budget"):
+    topk_key_indices(jnp.zeros((1, 1, 1, 4)), 5)
+
+
+def test_kernels_trace_under_outer_jit_with_traced_mask():
+  """The mask is data: a traced BlockMask works (same result as a constant one)."""
+  rng = np.random.default_rng(9)
+  q, k, v = _qkv(rng, 1, 32, 48, 1, 16)
+  m = BlockMask.from_block_types(np.array([[2, 0, 1], [0, 1, 2]]), q_len=32, kv_len=48,
+                                 block_q=16, block_kv=16)
+  f = jax.jit(lambda q, k, v, m: block_sparse_attention(
+      q, k, v, m, config=BlockSparseConfig(16, 16), interpret=True))
+  assert _rel(f(q, k, v, m), block_sparse_attention_reference(q, k, v, m)) < 1e-5
