@@ -214,6 +214,13 @@ class VAR(nnx.Module):
     return self.logits(x_BlC, cond_BD), cache
 
 
+def abstract_var(cfg: VARConfig, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla") -> VAR:
+  """A VAR whose parameters are shape/dtype placeholders (no random init, no memory):
+  fill it with `sparvar_jax.checkpoint.load_into(model, tree)` before use."""
+  return nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                    param_dtype=param_dtype, attn_impl=attn_impl))
+
+
 def load_var(ckpt_dir: str, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla"):
   """Reads a directory written by `python -m convert.var` -> (VAR, VQVAE)."""
   from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
@@ -225,8 +232,7 @@ def load_var(ckpt_dir: str, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla
     raise checkpoint.CheckpointError(
         f"{ckpt_dir!r} is not a converted VAR checkpoint (its config.json lists "
         f"{sorted(cfgs)}); convert with `python -m convert.var`.")
-  var = VAR(var_cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
-            attn_impl=attn_impl)
+  var = abstract_var(var_cfg, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl)
   checkpoint.load_into(var, checkpoint.read_tree(ckpt_dir, "var"), what="VAR transformer")
   vae = VQVAE(vae_cfg, rngs=nnx.Rngs(0))
   checkpoint.load_into(vae, checkpoint.read_tree(ckpt_dir, "vae"), what="VQVAE")
