@@ -184,8 +184,6 @@ def convert_var_tree(sd: dict[str, np.ndarray], *, progress: bool = False):
 def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = False,
             progress: bool = True):
   """The CLI body: returns (VARConfig, VQVAEConfig) after writing `out_dir`."""
-  from convert import vqvae_rules  # the VQVAE key map lives beside this module
-
   if os.path.exists(out_dir) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out_dir)!r} already exists; choose "
                           "another --out or pass --overwrite.")
@@ -196,6 +194,11 @@ def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = Fal
   log(f"VAR: depth {var_cfg.depth}, width {var_cfg.embed_dim}, {var_cfg.num_heads} heads, "
       f"vocab {var_cfg.vocab_size}, Cvae {var_cfg.cvae}, shared AdaLN {var_cfg.shared_aln}, "
       f"patch_nums {list(var_cfg.patch_nums)}")
+  var_tree = common.apply_rules(var_sd, var_rules(var_cfg), ignore=VAR_IGNORE,
+                                what="VAR checkpoint", progress=progress)
+  check_buffers(var_sd, var_cfg)
+  del var_sd
+  from convert import vqvae_rules  # the VQVAE key map lives beside this module
   log(f"reading {vae_path}")
   vae_sd = common.load_state_dict(vae_path)
   vae_cfg = vqvae_rules.infer_vqvae_config(vae_sd, var_cfg.patch_nums)
@@ -206,9 +209,6 @@ def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = Fal
         f"transformer expects vocabulary {var_cfg.vocab_size} and {var_cfg.cvae} channels. "
         "Pass the VQVAE the transformer was trained with (vae_ch160v4096z32.pth for the "
         "released VAR models).")
-  var_tree = common.apply_rules(var_sd, var_rules(var_cfg), ignore=VAR_IGNORE,
-                                what="VAR checkpoint", progress=progress)
-  check_buffers(var_sd, var_cfg)
   vae_tree = common.apply_rules(vae_sd, vqvae_rules.vqvae_rules(vae_cfg),
                                 ignore=vqvae_rules.VQVAE_IGNORE, what="VQVAE checkpoint",
                                 progress=progress)
