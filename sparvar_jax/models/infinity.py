@@ -214,3 +214,37 @@ class Infinity(nnx.Module):
     x = x_BlC.astype(jnp.float32) + self.lvl_embed.embedding[...][si]
     x, cache = self._run_blocks(x, gss, ca_k, ca_v, text_mask_BT, rope, None, cache, start)
     return self.logits(x, cond_BD), cache
+
+
+def abstract_infinity(cfg: InfinityConfig, dtype=jnp.float32, *, param_dtype=jnp.float32,
+                      attn_impl: str = "xla", bf16_cross_attn: bool = True) -> Infinity:
+  """An Infinity whose parameters are shape/dtype placeholders (no random init, no
+  memory): fill it with `sparvar_jax.checkpoint.load_into(model, tree)` before use."""
+  return nnx.eval_shape(lambda: Infinity(cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                         param_dtype=param_dtype, attn_impl=attn_impl,
+                                         bf16_cross_attn=bf16_cross_attn))
+
+
+def load_infinity(ckpt_dir: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
+                  attn_impl: str = "xla", bf16_cross_attn: bool = True, with_vae: bool = True):
+  """Reads a directory written by `python -m convert.infinity` -> (Infinity, BSQ VAE or
+  None, {name: config})."""
+  from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  cfgs, _ = checkpoint.read_config(ckpt_dir)
+  cfg = cfgs.get("infinity")
+  if not isinstance(cfg, InfinityConfig) or "vae" not in cfgs:
+    raise checkpoint.CheckpointError(
+        f"{ckpt_dir!r} is not a converted Infinity checkpoint (its config.json lists "
+        f"{sorted(cfgs)}); convert with `python -m convert.infinity --model ... --vae ...`.")
+  model = abstract_infinity(cfg, dtype, param_dtype=param_dtype, attn_impl=attn_impl,
+                            bf16_cross_attn=bf16_cross_attn)
+  checkpoint.load_into(model, checkpoint.read_tree(ckpt_dir, "infinity"),
+                       what="Infinity transformer")
+  vae = None
+  if with_vae:
+    from sparvar_jax.vae import bsq  # pylint: disable=g-import-not-at-top
+    vae = bsq.abstract_bsq(cfgs["vae"]) if hasattr(bsq, "abstract_bsq") else bsq.BSQVAE(
+        cfgs["vae"], rngs=nnx.Rngs(0))
+    checkpoint.load_into(vae, checkpoint.read_tree(ckpt_dir, "vae"), what="BSQ VAE")
+  return model, vae, cfgs
