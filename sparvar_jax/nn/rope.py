@@ -23,7 +23,11 @@ def inv_freq(head_dim: int, theta: float = 10000.0) -> np.ndarray:
     raise ValueError(f"2D RoPE needs head_dim divisible by 4, got {head_dim}")
   half = head_dim // 2
   expo = np.arange(0, half, 2, dtype=np.int64).astype(np.float32) / np.float32(half)
-  return (np.float32(1.0) / np.power(np.float32(theta), expo, dtype=np.float32)).astype(np.float32)
+  # torch evaluates `theta ** expo` (scalar base) to the correctly rounded float32; a
+  # float32 numpy power differs in the last bit for some entries, which moves the
+  # angles of far positions (x127) by ~4e-6.
+  powed = np.power(np.float64(theta), expo.astype(np.float64)).astype(np.float32)
+  return (np.float32(1.0) / powed).astype(np.float32)
 
 
 def grid_indices(ph: int, pw: int, uph: int, upw: int) -> tuple[np.ndarray, np.ndarray]:
