@@ -29,9 +29,9 @@ def test_layer_norm_and_l2_normalize_match_torch():
 def test_ffn_is_tanh_gelu_mlp():
   f = nn.FFN(16, 40, rngs=nnx.Rngs(0))
   x = np.random.default_rng(1).normal(size=(2, 3, 16)).astype(np.float32)
-  fc1 = lambda t: t @ torch.tensor(np.asarray(f.fc1.kernel[...])) + torch.from_numpy(
+  fc1 = lambda t: t @ torch.tensor(np.asarray(f.fc1.kernel[...])) + torch.tensor(
       np.asarray(f.fc1.bias[...]))
-  fc2 = lambda t: t @ torch.tensor(np.asarray(f.fc2.kernel[...])) + torch.from_numpy(
+  fc2 = lambda t: t @ torch.tensor(np.asarray(f.fc2.kernel[...])) + torch.tensor(
       np.asarray(f.fc2.bias[...]))
   ref = fc2(F.gelu(fc1(torch.from_numpy(x)), approximate="tanh")).numpy()
   assert _rel(f(jnp.asarray(x)), ref) < 1e-6
@@ -112,3 +112,24 @@ def test_stacked_scan_equals_python_loop():
   assert _rel(y, ref) < 1e-6
   # layers are independently initialised
   assert not np.allclose(st.fc1.kernel[...][0], st.fc1.kernel[...][1])
+
+
+def test_cudnn_needs_half_precision():
+  x = jnp.ones((1, 2, 1, 8), jnp.float32)
+  with pytest.raises(ValueError, match="bf16/fp16"):
+    nn.attention(x, x, x, impl="cudnn")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("masked", [False, True])
+def test_cudnn_attention_matches_xla_on_gpu(masked):
+  rng = np.random.default_rng(9)
+  L = 30  # scales 1, 2, 5: lengths that are not block multiples
+  S = L if masked else 3 * L
+  q = jnp.asarray(rng.normal(size=(2, L, 4, 64)), jnp.bfloat16)
+  k, v = (jnp.asarray(rng.normal(size=(2, S, 4, 64)), jnp.bfloat16) for _ in range(2))
+  mask = nn.block_causal_mask((1, 2, 5)) if masked else None
+  a = nn.attention(q, k, v, mask=mask, impl="cudnn")
+  b = nn.attention(q, k, v, mask=mask, impl="xla")
+  assert a.dtype == jnp.bfloat16
+  assert _rel(a.astype(jnp.float32), b.astype(jnp.float32)) < 1e-2

@@ -14,7 +14,7 @@ from flax import nnx
 
 from convert.var import convert_var_tree
 from sparvar_jax import checkpoint, configs
-from sparvar_jax.models.var import VAR, abstract_var, begin_ends
+from sparvar_jax.models.var import VAR, abstract_var, begin_ends, load_var
 from tests.conftest import golden_dir
 from tests.reference.var_torch import VARTorch, randomize_
 
@@ -165,3 +165,45 @@ def test_bad_shapes_are_refused():
     m.scale_step(1, jnp.zeros((2, 9, 128)), cond, m.init_cache(2))
   with pytest.raises(ValueError, match="scale 2 expects 9 tokens"):
     m.next_input(2, jnp.zeros((2, 2, 2, 32)))
+
+
+def test_layers_are_scanned_so_the_program_does_not_grow_with_depth():
+  def n_eqns(depth):
+    cfg = dataclasses.replace(TINY, depth=depth)
+    m = abstract_var(cfg)
+    gdef, state = nnx.split(m)
+    cache = jax.eval_shape(lambda: m.init_cache(2))
+
+    def step(state, x, cond, cache):
+      return nnx.merge(gdef, state).scale_step(3, x, cond, cache)
+
+    jaxpr = jax.make_jaxpr(step)(state, jax.ShapeDtypeStruct((2, 16, 128), jnp.float32),
+                                 jax.ShapeDtypeStruct((2, 128), jnp.float32), cache)
+    assert any(e.primitive.name == "scan" for e in jaxpr.jaxpr.eqns)
+    return len(jaxpr.jaxpr.eqns)
+
+  assert n_eqns(2) == n_eqns(6)
+
+
+def test_load_var_refuses_bad_directories(tmp_path):
+  with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+    load_var(str(tmp_path / "nope"))
+  d = tmp_path / "other"
+  d.mkdir()
+  (d / "config.json").write_text(
+      '{"configs": {"t5": {"type": "T5Config"}}, "meta": {}}')
+  with pytest.raises(checkpoint.CheckpointError, match="not a converted VAR checkpoint"):
+    load_var(str(d))
+
+
+@pytest.mark.gpu
+def test_cudnn_scale_steps_match_xla_in_bf16_on_gpu():
+  tm = torch_var(TINY, seed=9)
+  sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+  cfg, tree = convert_var_tree(sd)
+  labels, x = inputs(TINY, 2, seed=10)
+  outs = {}
+  for impl in ("xla", "cudnn"):
+    m = checkpoint.load_into(abstract_var(cfg, jnp.bfloat16, attn_impl=impl), tree)
+    outs[impl] = np.concatenate(_cached_logits_jax(m, labels, x), 1)
+  assert rel_err(outs["cudnn"], outs["xla"]) < 2e-2
