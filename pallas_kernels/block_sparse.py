@@ -112,6 +112,8 @@ def _kernel(q_ref, k_ref, v_ref, fnum_ref, fidx_ref, pnum_ref, pidx_ref, *rest, 
            jnp.zeros((bq,), jnp.float32))
 
   def tile_start(idx_ref, s):
+    if sub_kv == 1:
+      return pl.multiple_of(idx_ref[s] * block_kv, block_kv)
     blk = idx_ref[s // sub_kv]
     return pl.multiple_of((blk * sub_kv + s % sub_kv) * block_kv, block_kv)
 

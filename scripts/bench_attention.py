@@ -1,0 +1,367 @@
+"""Attention benchmark on one GPU: our Pallas kernels vs cuDNN dense and PyTorch FlexAttention.
+
+Usage (on the H100):  python scripts/bench_attention.py --out /tmp/bench
+It runs the JAX part in this process and the PyTorch part in a subprocess (same card, same
+run; separate allocators), then prints one table and writes bench.json.
+
+Shapes: Infinity 1024x1024 schedule, batch 2 (CFG), head dim 128, bf16, 16 heads (2B) and
+28 heads (8B); query scales 10, 11, 12 against all earlier keys (KV-cache layout). Masks:
+SparVAR's CSLA defaults (block-granular and exact, 128x128 blocks as the paper; plus 64x64
+blocks for ours), random per-head 128x128 block masks at 5/10/20/30% (scale 12), token
+gather at 20% of keys (scales 11, 12; groups of 192 queries), dense + column sums at the
+decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
+(the model's KV cache layout); cuDNN and Flex get the exact length.
+Times: JAX = median over 7 repeats of the mean of 20 back-to-back calls (host clock,
+synchronised); torch = triton.testing.do_bench median.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+SCHED = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+CUM = np.concatenate([[0], np.cumsum([s * s for s in SCHED])]).astype(int)
+D = 128
+B = 2
+DENSITIES = (0.05, 0.10, 0.20, 0.30)
+
+
+def log(*a):
+  print(*a, flush=True)
+
+
+def shape_of(scale):
+  return SCHED[scale] ** 2, int(CUM[scale + 1])
+
+
+def random_block_table(rng, heads, nq, nk, density):
+  t = rng.random((1, heads, nq, nk)) < density
+  t[..., 0] = True  # the sink block, as in the anchors' Flex runs
+  return t
+
+
+# ------------------------------------------------------------------------------- JAX part
+
+
+def jax_part(args):
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
+                              block_sparse_attention, dense_attention, dense_colsum_attention,
+                              gather_attention, key_budget)
+  from sparvar_jax.sparse import csla
+
+  R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
+  interp = jax.default_backend() == "cpu"  # --dry-run on a CPU: kernels in interpret mode
+  dense_impl = "xla" if interp else "cudnn"
+  t_start = time.time()
+  rng = np.random.default_rng(0)
+  masks_out = {}
+
+  def timeit(fn, *xs, n=20, reps=7):
+    jax.block_until_ready(fn(*xs))
+    ts = []
+    for _ in range(reps):
+      t = time.perf_counter()
+      for _ in range(n):
+        r = fn(*xs)
+      jax.block_until_ready(r)
+      ts.append((time.perf_counter() - t) / n * 1e3)
+    return float(np.median(ts))
+
+  def inputs(heads, scale):
+    lq, lk = shape_of(scale)
+    lk_pad = -(-lk // 128) * 128
+    key = jax.random.PRNGKey(heads * 100 + scale)
+    kq, kk, kv = jax.random.split(key, 3)
+    q = jax.random.normal(kq, (B, lq, heads, D), jnp.bfloat16)
+    kb = jax.random.normal(kk, (B, lk_pad, heads, D), jnp.bfloat16)
+    vb = jax.random.normal(kv, (B, lk_pad, heads, D), jnp.bfloat16)
+    k, v = kb[:, :lk] + 0, vb[:, :lk] + 0  # exact-length copies for cuDNN
+    return q, k, v, kb, vb
+
+  def row(**kw):
+    R["rows"].append(kw)
+    log(json.dumps(kw))
+
+  def timed_row(fn, xs, flops=None, base=None, **kw):
+    """Time fn(*xs) and record a row; a kernel that fails is recorded and skipped."""
+    try:
+      t = timeit(fn, *xs)
+    except Exception as e:
+      kw["err"] = repr(e)[:400]
+      R["rows_failed"] = R.get("rows_failed", []) + [kw]
+      log("FAILED", json.dumps(kw))
+      return None
+    extra = dict(ms=t)
+    if flops is not None:
+      extra["tflops"] = flops / t / 1e9
+    if base is not None:
+      extra["vs_cudnn"] = base / t
+    row(**kw, **extra)
+    return t
+
+  def bs_fn(m, rule, cfg):
+    return jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, rule, config=cfg,
+                                                          interpret=interp))
+
+  cudnn = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation=dense_impl))
+  last, first = max(args.scales), min(args.scales)
+
+  # --- tuning: a few tiles on the heaviest shape, 16 heads, scale 12
+  cands = [BlockSparseConfig(128, 64, 4, 2), BlockSparseConfig(128, 64, 8, 2),
+           BlockSparseConfig(128, 128, 8, 2), BlockSparseConfig(128, 64, 4, 3),
+           BlockSparseConfig(64, 64, 4, 2), BlockSparseConfig(128, 32, 4, 2)]
+  if args.quick:
+    cands = cands[:2]
+  q, k, v, kb, vb = inputs(args.heads[0], last)
+  lq, lk = shape_of(last)
+  rule12 = csla.csla_rule(last)
+  m12 = csla.csla_block_mask(last)
+  dmask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+  best = {}
+  for kind, m, rule in (("dense", dmask, None), ("block", m12, None), ("exact", m12, rule12)):
+    for cfg in cands:
+      try:
+        ms = timeit(bs_fn(m, rule, cfg), q, kb, vb)
+      except Exception as e:  # a tile that does not compile is skipped, and said so
+        R["tuning"].append(dict(kind=kind, config=str(cfg), err=repr(e)[:300]))
+        log("tuning failed", kind, cfg, repr(e)[:300])
+        continue
+      R["tuning"].append(dict(kind=kind, config=str(cfg), ms=ms))
+      log("tune", kind, cfg, f"{ms:.3f} ms")
+      if kind not in best or ms < best[kind][1]:
+        best[kind] = (cfg, ms)
+  fallback = BlockSparseConfig(128, 64, 4, 2)
+  cfg_of = {kind: best[kind][0] if kind in best else fallback for kind in ("dense", "block", "exact")}
+  R["best_config"] = {kind: str(c) for kind, c in cfg_of.items()}
+
+  for heads in args.heads:
+    for scale in args.scales:
+      if time.time() - t_start > args.time_limit:
+        log("time limit reached: stopping the JAX sweep")
+        break
+      lq, lk = shape_of(scale)
+      q, k, v, kb, vb = inputs(heads, scale)
+      dense_flops = 4.0 * B * heads * lq * lk * D
+      t_cudnn = timed_row(cudnn, (q, k, v), dense_flops, heads=heads, scale=scale,
+                          impl="jax_cudnn", mask="dense", frac=1.0) or float("nan")
+      dm = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+      timed_row(bs_fn(dm, None, cfg_of["dense"]), (q, kb, vb), dense_flops, t_cudnn,
+                heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
+      rule = csla.csla_rule(scale)
+      masks_out[f"rule_q_{scale}"] = np.asarray(rule.q_yx_2Q)
+      masks_out[f"rule_k_{scale}"] = np.asarray(rule.k_box_4K)
+      for blk in (128, 64):
+        m = csla.csla_block_mask(scale, blk, blk)
+        frac = m.visited_pairs() / (lq * lk)
+        if blk == 128:
+          masks_out[f"csla_{scale}"] = m.block_types()
+        for mode, r in (("block", None), ("exact", rule)):
+          cfg = cfg_of[mode] if blk == 128 else BlockSparseConfig(64, 64, 4, 2)
+          timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+                    scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
+                    config=str(cfg))
+      if scale == last:
+        for dens in DENSITIES:
+          tbl = random_block_table(rng, heads, -(-lq // 128), -(-lk // 128), dens)
+          m = BlockMask.from_block_types(tbl, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+          masks_out[f"rand_{heads}_{int(dens * 100)}"] = m.block_types()
+          frac = m.visited_pairs() / (lq * lk)
+          timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac, t_cudnn,
+                    heads=heads, scale=scale, impl="ours_pallas",
+                    mask=f"random{int(dens * 100)}", frac=frac)
+      if scale in sorted(args.scales)[-2:]:
+        g = 192 if not interp else 64
+        ng = -(-lq // g)
+        budget = key_budget(0.2, lk, 64)
+        idx = np.sort(np.argsort(rng.random((B, heads, ng, lk)), axis=-1)[..., :budget], -1)
+        idx = jnp.asarray(idx, jnp.int32)
+        cnt = jnp.full((B, heads, ng), budget, jnp.int32)
+        res = q * 0.1
+        frac = budget / lk
+        for gcfg in (GatherConfig(64, 64, 4, 2), GatherConfig(64, 128, 8, 2)):
+          f = jax.jit(lambda q, k, v, r, gcfg=gcfg: gather_attention(
+              q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
+          timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+                    impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
+      if scale == first:
+        for impl in ("pallas",) if interp else ("pallas", "cudnn"):
+          f = jax.jit(lambda q, k, v, impl=impl: dense_colsum_attention(
+              q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
+              config=ColsumConfig(dense=cfg_of["dense"]), interpret=interp))
+          timed_row(f, (q, k, v), None, t_cudnn, heads=heads, scale=scale,
+                    impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0)
+      del q, k, v, kb, vb
+  np.savez(os.path.join(args.out, "masks.npz"), **masks_out)
+  jax.clear_caches()
+  return R
+
+
+# ------------------------------------------------------------------------------ torch part
+
+
+def torch_part(args):
+  import torch
+  import torch.nn.functional as F
+  torch._dynamo.config.recompile_limit = 512
+  torch._dynamo.config.cache_size_limit = 512
+  from torch.nn.attention import SDPBackend, sdpa_kernel
+  from torch.nn.attention.flex_attention import (BlockMask as FlexBlockMask, create_block_mask,
+                                                 flex_attention, noop_mask)
+
+  R = dict(torch=torch.__version__, rows=[],
+           gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+  masks = np.load(os.path.join(args.out, "masks.npz"))
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  if dev == "cuda":
+    from triton.testing import do_bench
+    flex = torch.compile(flex_attention, dynamic=False)
+    bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+  else:  # --dry-run: eager flex, one timed call
+    flex = flex_attention
+    def bench(fn):
+      fn()
+      t = time.perf_counter()
+      fn()
+      return (time.perf_counter() - t) * 1e3
+  last = max(args.scales)
+  t_start = time.time()
+
+  def row(**kw):
+    R["rows"].append(kw)
+    log(json.dumps(kw))
+
+  def from_types(types, lq, lk, heads):
+    """Block-granular Flex mask: every visited block full (Flex masks keys past KV_LEN)."""
+    t = torch.tensor(types > 0, device=dev)
+    t = t.expand(1, heads, *t.shape[2:]) if t.shape[1] == 1 else t
+    num = t.sum(-1).to(torch.int32)
+    idx = torch.argsort((~t).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    zeros = torch.zeros_like(num)
+    try:
+      return FlexBlockMask.from_kv_blocks(zeros, idx, num, idx, BLOCK_SIZE=128,
+                                          mask_mod=noop_mask, seq_lengths=(lq, lk))
+    except TypeError:  # older torch without seq_lengths
+      return FlexBlockMask.from_kv_blocks(zeros, idx, num, idx, BLOCK_SIZE=128,
+                                          mask_mod=noop_mask)
+
+  for heads in args.heads:
+    for scale in args.scales:
+      if time.time() - t_start > args.time_limit:
+        log("time limit reached: stopping the torch sweep")
+        break
+      torch._dynamo.reset()
+      lq, lk = shape_of(scale)
+      g = torch.Generator(device=dev).manual_seed(heads * 100 + scale)
+      q, k, v = (torch.randn(B, heads, n, D, device=dev, dtype=torch.bfloat16, generator=g)
+                 for n in (lq, lk, lk))
+      dense_flops = 4.0 * B * heads * lq * lk * D
+      with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if dev == "cuda" else SDPBackend.MATH):
+        t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+      row(heads=heads, scale=scale, impl="torch_cudnn", mask="dense", ms=t_cudnn,
+          tflops=dense_flops / t_cudnn / 1e9, frac=1.0)
+      t = bench(lambda: flex(q, k, v))
+      row(heads=heads, scale=scale, impl="flex", mask="dense", ms=t, tflops=dense_flops / t / 1e9,
+          frac=1.0)
+      bm = from_types(masks[f"csla_{scale}"], lq, lk, heads)
+      t = bench(lambda: flex(q, k, v, block_mask=bm))
+      row(heads=heads, scale=scale, impl="flex", mask="csla128_block", ms=t)
+      qyx = torch.tensor(masks[f"rule_q_{scale}"], device=dev)
+      kbox = torch.tensor(masks[f"rule_k_{scale}"], device=dev)
+      qy, qx = qyx[0].contiguous(), qyx[1].contiguous()
+      ylo, yhi, xlo, xhi = (kbox[i].contiguous() for i in range(4))
+
+      def exact_mod(b, h, qi, ki):
+        return ((ylo[ki] <= qy[qi]) & (qy[qi] <= yhi[ki]) & (xlo[ki] <= qx[qi])
+                & (qx[qi] <= xhi[ki]))
+
+      bme = create_block_mask(exact_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=dev,
+                              BLOCK_SIZE=128)
+      t = bench(lambda: flex(q, k, v, block_mask=bme))
+      row(heads=heads, scale=scale, impl="flex", mask="csla128_exact", ms=t)
+      if scale == last:
+        for dens in DENSITIES:
+          types = masks[f"rand_{heads}_{int(dens * 100)}"]
+          bmr = from_types(types, lq, lk, heads)
+          t = bench(lambda: flex(q, k, v, block_mask=bmr))
+          row(heads=heads, scale=scale, impl="flex", mask=f"random{int(dens * 100)}", ms=t)
+      del q, k, v
+      if dev == "cuda":
+        torch.cuda.empty_cache()
+  return R
+
+
+# ------------------------------------------------------------------------------- report
+
+
+def merge_and_print(RJ, RT):
+  rows = RJ["rows"] + (RT["rows"] if RT else [])
+  key = lambda r: (r["heads"], r["scale"], r["mask"])
+  flex = {key(r): r["ms"] for r in rows if r["impl"] == "flex"}
+  for r in rows:
+    if r["impl"].startswith("ours"):
+      mk = r["mask"]
+      fk = mk.replace("csla64", "csla128") if mk.startswith("csla64") else mk
+      base = "dense" if mk in ("gather20", "dense+colsum") else fk
+      if (r["heads"], r["scale"], base) in flex:
+        r["flex_ms"] = flex[(r["heads"], r["scale"], base)]
+        r["vs_flex"] = r["flex_ms"] / r["ms"]
+  lines = [f"{'H':>3} {'scale':>5} {'mask':<15} {'impl':<20} {'ms':>8} {'TFLOP/s':>8} "
+           f"{'vs cuDNN':>9} {'vs Flex':>8}"]
+  for r in rows:
+    lines.append(f"{r['heads']:>3} {r['scale']:>5} {r['mask']:<15} {r['impl']:<20} "
+                 f"{r['ms']:>8.3f} {r.get('tflops', float('nan')):>8.0f} "
+                 f"{r.get('vs_cudnn', float('nan')):>9.2f} {r.get('vs_flex', float('nan')):>8.2f}")
+  return rows, "\n".join(lines)
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--out", default="bench_out")
+  p.add_argument("--heads", default="16,28")
+  p.add_argument("--scales", default="10,11,12")
+  p.add_argument("--part", default="all", choices=["all", "jax", "torch"])
+  p.add_argument("--quick", action="store_true", help="two tuning candidates only")
+  p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
+  args = p.parse_args()
+  args.heads = [int(h) for h in args.heads.split(",")]
+  args.scales = [int(s) for s in args.scales.split(",")]
+  os.makedirs(args.out, exist_ok=True)
+  if args.part == "torch":
+    json.dump(torch_part(args), open(os.path.join(args.out, "torch.json"), "w"), indent=1)
+    return
+  t0 = time.time()
+  RJ = jax_part(args)
+  json.dump(RJ, open(os.path.join(args.out, "jax.json"), "w"), indent=1)
+  log(f"jax part done in {time.time() - t0:.0f} s")
+  RT = None
+  if args.part == "all":
+    cmd = [sys.executable, os.path.abspath(__file__), "--part", "torch", "--out", args.out,
+           "--heads", ",".join(map(str, args.heads)), "--scales", ",".join(map(str, args.scales)),
+           "--time-limit", str(args.time_limit)]
+    rc = subprocess.run(cmd).returncode
+    tj = os.path.join(args.out, "torch.json")
+    if rc == 0 and os.path.exists(tj):
+      RT = json.load(open(tj))
+    else:
+      log(f"torch part failed (rc={rc})")
+  rows, table = merge_and_print(RJ, RT)
+  out = dict(jax=RJ, torch=RT, rows=rows, total_s=time.time() - t0)
+  json.dump(out, open(os.path.join(args.out, "bench.json"), "w"), indent=1)
+  log(table)
+
+
+if __name__ == "__main__":
+  main()

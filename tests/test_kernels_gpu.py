@@ -1,0 +1,169 @@
+"""GPU checks of the compiled kernels (skipped without a GPU): bf16/fp16 at SparVAR shapes,
+fresh random inputs, relative error <= 1e-2 against the f32 references, never NaN.
+
+Unwritten outputs: each kernel first runs on NaN-poisoned values and that result is freed, so
+the real call most likely reuses the NaN-filled buffer (best effort: XLA's allocator decides);
+any element the kernel fails to write then shows up as NaN.
+
+`scripts/gpu_check.py` imports `CHECKS` and runs them without pytest.
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
+                            block_sparse_attention, block_sparse_attention_reference,
+                            dense_attention, dense_colsum_attention,
+                            dense_colsum_attention_reference, gather_attention,
+                            gather_attention_reference, key_budget, topk_key_indices)
+from sparvar_jax.sparse import csla
+
+try:
+  import pytest
+  pytestmark = pytest.mark.gpu
+except ImportError:  # gpu_check.py runs these without pytest
+  pytest = None
+
+TOL = 1e-2
+_SEED = [int(np.random.SeedSequence().entropy % (2 ** 31))]
+
+
+def _rng():
+  _SEED[0] += 1
+  return np.random.default_rng(_SEED[0])
+
+
+def _rel(a, b):
+  a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _qkv(rng, b, lq, lk, h, d, dtype):
+  return tuple(jnp.asarray(rng.standard_normal(s, np.float32), dtype)
+               for s in ((b, lq, h, d), (b, lk, h, d), (b, lk, h, d)))
+
+
+def _poisoned(fn, *args):
+  """Run fn on NaN values first (result freed), then on the real ones."""
+  bad = [jnp.full_like(a, jnp.nan) if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)
+         else a for a in args]
+  r = fn(*bad)
+  jax.block_until_ready(r)
+  del r
+  out = fn(*args)
+  jax.block_until_ready(out)
+  return out
+
+
+def _finish(name, err, out, extra=None):
+  flat = jax.tree_util.tree_leaves(out)
+  nan = any(bool(jnp.isnan(jnp.asarray(x, jnp.float32)).any()) for x in flat)
+  rec = dict(check=name, rel_err=err, nan=nan, ok=(err <= TOL and not nan))
+  if extra:
+    rec.update(extra)
+  assert not nan, f"{name}: NaN in the output"
+  assert err <= TOL, f"{name}: relative error {err:.3g} > {TOL}"
+  return rec
+
+
+def check_csla(query_scale=10, heads=4, d=128, exact=False, dtype=jnp.bfloat16, block=128):
+  rng = _rng()
+  rule = csla.csla_rule(query_scale)
+  m = csla.csla_block_mask(query_scale, block, block)
+  lk_pad = -(-rule.kv_len // 128) * 128
+  q, k, v = _qkv(rng, 2, rule.q_len, lk_pad, heads, d, dtype)
+  use = rule if exact else None
+  cfg = BlockSparseConfig(block_q=min(block, 128), block_kv=64)
+  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, use, return_lse=True, config=cfg))
+  out, lse = _poisoned(f, q, k, v)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, use, return_lse=True)
+  err = max(_rel(out, ref), _rel(lse, ref_lse))
+  return _finish(f"csla s{query_scale} {'exact' if exact else 'block'} b{block} D{d} "
+                 f"{jnp.dtype(dtype).name}", err, (out, lse))
+
+
+def check_random_mask_empty_rows(d=128, dtype=jnp.bfloat16):
+  rng = _rng()
+  b, lq, lk, h = 2, 4096, 10521, 2
+  types = (rng.random((1, h, 32, 83)) < 0.15).astype(np.int8) * 2
+  types[0, 1, 5] = 0  # query block 5 of head 1 sees nothing
+  m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, return_lse=True))
+  out, lse = _poisoned(f, q, k, v)
+  ref = block_sparse_attention_reference(q, k, v, m)
+  empty = out[:, 640:768, 1]
+  assert bool((empty == 0).all()), "empty rows must be zeros"
+  assert bool((lse[:, 1, 640:768] == -jnp.inf).all()), "empty rows must have lse -inf"
+  return _finish(f"random 15% per-head + empty rows D{d}", _rel(out, ref), out)
+
+
+def check_dense(heads=2, d=128, dtype=jnp.bfloat16):
+  rng = _rng()
+  q, k, v = _qkv(rng, 2, 4096, 10521, heads, d, dtype)
+  f = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation="pallas"))
+  out = _poisoned(f, q, k, v)
+  ref = dense_attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32),
+                        implementation="xla")
+  cud = dense_attention(q, k, v, implementation="cudnn")
+  return _finish(f"dense pallas 4096x10521 D{d}", _rel(out, ref), out,
+                 dict(cudnn_rel_err=_rel(cud, ref)))
+
+
+def check_gather(d=128, dtype=jnp.bfloat16, group_size=192):
+  rng = _rng()
+  b, h, lq, lk = 2, 2, 2304, 6425
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  ng = -(-lq // group_size)
+  budget = key_budget(0.2, lk, 64)
+  idx = np.stack([np.sort(rng.choice(lk, budget, replace=False)) for _ in range(b * h * ng)])
+  idx = jnp.asarray(idx.reshape(b, h, ng, budget), jnp.int32)
+  cnt = np.full((b, h, ng), budget, np.int32)
+  cnt[0, 0, 3] = 0
+  cnt[1, 1, 5] = 77
+  cnt = jnp.asarray(cnt)
+  res = jnp.asarray(0.1 * rng.standard_normal(q.shape, np.float32), dtype)
+  f = jax.jit(lambda q, k, v, r: gather_attention(q, k, v, idx, cnt, r, group_size=group_size))
+  out = _poisoned(f, q, k, v, res)
+  ref = gather_attention_reference(q, k, v, idx, cnt, res, group_size=group_size)
+  g3 = slice(3 * group_size, 4 * group_size)
+  assert _rel(out[0, g3, 0], res[0, g3, 0]) < 1e-6, "an empty group must return the residual"
+  return _finish(f"gather 20% G{group_size} + residual D{d}", _rel(out, ref), out)
+
+
+def check_colsum(dense_impl="pallas", d=128, dtype=jnp.bfloat16):
+  rng = _rng()
+  b, h, lq, lk = 2, 2, 1600, 4121
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  f = jax.jit(lambda q, k, v: dense_colsum_attention(q, k, v, group_size=192,
+                                                     dense_impl=dense_impl))
+  out, cs = _poisoned(f, q, k, v)
+  ref_out, ref_cs = dense_colsum_attention_reference(q, k, v, group_size=192)
+  idx, _ = topk_key_indices(cs, key_budget(0.2, lk, 64))
+  ref_idx, _ = topk_key_indices(ref_cs, key_budget(0.2, lk, 64))
+  overlap = float(jnp.mean(jax.vmap(jax.vmap(jax.vmap(
+      lambda a, r: jnp.isin(a, r).mean())))(idx, ref_idx)))
+  return _finish(f"colsum ({dense_impl} dense) s10 G192 D{d}",
+                 max(_rel(out, ref_out), _rel(cs, ref_cs)), (out, cs),
+                 dict(topk_overlap=overlap))
+
+
+CHECKS = [
+    ("csla_block_s10", lambda: check_csla(10, exact=False)),
+    ("csla_exact_s10", lambda: check_csla(10, exact=True)),
+    ("csla_exact_s12_d64", lambda: check_csla(12, heads=2, d=64, exact=True)),
+    ("csla_block_s11_fp16", lambda: check_csla(11, heads=2, exact=False, dtype=jnp.float16)),
+    ("csla_exact_s12_b64", lambda: check_csla(12, heads=2, exact=True, block=64)),
+    ("random_empty_rows", check_random_mask_empty_rows),
+    ("dense", check_dense),
+    ("gather", check_gather),
+    ("gather_d64", lambda: check_gather(d=64)),
+    ("colsum_pallas", lambda: check_colsum("pallas")),
+    ("colsum_cudnn", lambda: check_colsum("cudnn")),
+]
+
+
+def test_gpu_checks():
+  for _, fn in CHECKS:
+    fn()
