@@ -221,8 +221,22 @@ def abstract_var(cfg: VARConfig, dtype=F32, *, param_dtype=F32, attn_impl: str =
                                     param_dtype=param_dtype, attn_impl=attn_impl))
 
 
+def _load_module(make, tree, what: str):
+  """Builds `make()` without random init (abstract) where it holds only parameters, then
+  fills it strictly from `tree`."""
+  from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  m = nnx.eval_shape(make)
+  if jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param))):
+    m = make()  # non-parameter state is computed at construction: build it for real
+  return checkpoint.load_into(m, tree, what=what)
+
+
 def load_var(ckpt_dir: str, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla"):
-  """Reads a directory written by `python -m convert.var` -> (VAR, VQVAE)."""
+  """Reads a directory written by `python -m convert.var` -> (VAR, VQVAE).
+
+  dtype: compute dtype of the transformer blocks (bf16 on GPU); param_dtype: storage of
+  the block parameters (embeddings, head_nm and head stay fp32).
+  """
   from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sparvar_jax.vae.var_vqvae import VQVAE  # pylint: disable=g-import-not-at-top
 
@@ -232,8 +246,9 @@ def load_var(ckpt_dir: str, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla
     raise checkpoint.CheckpointError(
         f"{ckpt_dir!r} is not a converted VAR checkpoint (its config.json lists "
         f"{sorted(cfgs)}); convert with `python -m convert.var`.")
-  var = abstract_var(var_cfg, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl)
-  checkpoint.load_into(var, checkpoint.read_tree(ckpt_dir, "var"), what="VAR transformer")
-  vae = VQVAE(vae_cfg, rngs=nnx.Rngs(0))
-  checkpoint.load_into(vae, checkpoint.read_tree(ckpt_dir, "vae"), what="VQVAE")
+  var = _load_module(lambda: VAR(var_cfg, rngs=nnx.Rngs(0), dtype=dtype,
+                                 param_dtype=param_dtype, attn_impl=attn_impl),
+                     checkpoint.read_tree(ckpt_dir, "var"), "VAR transformer")
+  vae = _load_module(lambda: VQVAE(vae_cfg, rngs=nnx.Rngs(0)),
+                     checkpoint.read_tree(ckpt_dir, "vae"), "VQVAE")
   return var, vae
