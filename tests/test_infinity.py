@@ -1,0 +1,217 @@
+"""Infinity transformer and sampling loop vs our PyTorch reference (tiny random configs, fp32).
+
+The pure-fp32 mode (bf16_cross_attn=False on both sides) is compared tightly; the
+official bf16 rounding of cross-attention is checked against the official outputs in
+test_infinity_golden.py.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from convert import common
+from convert.infinity import ZERO_BUFFER, infer_infinity_config, infinity_rules, prepare_state_dict
+from sparvar_jax import schedules
+from sparvar_jax.checkpoint import load_into
+from sparvar_jax.generate_infinity import (InfinityGenerator, InfinitySampling, pixel_shuffle2,
+                                           pixel_unshuffle2, sample_bits)
+from sparvar_jax.models.infinity import Infinity, abstract_infinity
+from tests.reference.infinity_torch import InfinityRef, init_random_
+
+LENS = (5, 9)
+TEXT_LEN = 16
+
+
+def rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def make_pair(d_vae=16, depth=4, block_chunks=2, seed=0):
+  tm = InfinityRef(depth=depth, embed_dim=128, num_heads=2, d_vae=d_vae, text_channels=256,
+                   block_chunks=block_chunks)
+  init_random_(tm, seed).eval()
+  tm.set_bf16_cross_attn(False)
+  sd = {k: v.detach().numpy() for k, v in tm.state_dict().items()}
+  cfg = infer_infinity_config(sd)
+  assert (cfg.depth, cfg.block_chunks, cfg.d_vae, cfg.pool_heads) == (depth, block_chunks, d_vae, 2)
+  sd, _ = prepare_state_dict(sd, cfg)
+  tree = common.apply_rules(sd, infinity_rules(cfg), ignore=[ZERO_BUFFER])
+  jm = abstract_infinity(cfg, bf16_cross_attn=False)
+  load_into(jm, tree)
+  return tm, jm
+
+
+@pytest.fixture(scope="module")
+def pair():
+  return make_pair()
+
+
+def text(seed=1, lens=LENS, K=256):
+  g = np.random.default_rng(seed)
+  feats = (0.25 * g.standard_normal((len(lens), max(lens), K))).astype(np.float32)
+  return feats, list(lens)
+
+
+def padded(feats, lens):
+  out = np.zeros((len(lens), TEXT_LEN, feats.shape[-1]), np.float32)
+  mask = np.zeros((len(lens), TEXT_LEN), bool)
+  for i, n in enumerate(lens):
+    out[i, :n], mask[i, :n] = feats[i, :n], True
+  return jnp.asarray(out), jnp.asarray(mask)
+
+
+def torch_text(feats, lens):
+  return [torch.from_numpy(feats[i, :n].copy()) for i, n in enumerate(lens)]
+
+
+def test_teacher_forced_matches_reference(pair):
+  tm, jm = pair
+  sch = schedules.get_schedule(0.5, "0.06M")  # 7 scales, 451 tokens, non-square RoPE grid
+  feats, lens = text()
+  x = (0.1 * np.random.default_rng(2).standard_normal(
+      (2, sch.total_tokens - 1, 16))).astype(np.float32)
+  with torch.no_grad():
+    want = tm(torch_text(feats, lens), torch.from_numpy(x), sch.scales, sch.rope_hw).numpy()
+  got = nnx.jit(lambda m, t, k, x: m.forward(t, k, x, sch))(jm, *padded(feats, lens),
+                                                            jnp.asarray(x))
+  assert got.shape == want.shape == (2, sch.total_tokens, 32)
+  assert rel(got, want) <= 1e-5
+
+
+def test_kv_cached_steps_equal_teacher_forcing(pair):
+  _, jm = pair
+  full = schedules.get_schedule(1.25, "1M")
+  sch = schedules.custom_schedule(full.scales[:5], rope_hw=full.rope_hw)
+  feats, lens = text(3)
+  t, k = padded(feats, lens)
+  x = jnp.asarray(0.1 * np.random.default_rng(4).standard_normal((2, sch.total_tokens - 1, 16)),
+                  jnp.float32)
+  want = np.asarray(nnx.jit(lambda m, t, k, x: m.forward(t, k, x, sch))(jm, t, k, x))
+
+  @nnx.jit
+  def run(m, t, k, x):
+    cond, ca_kv = m.encode_text(t, k)
+    gss = m.cond_gss(cond)
+    ca_k, ca_v = m.block_text_kv(ca_kv)
+    cache = m.init_cache(2, sch, pad_to=128)
+    outs = []
+    for si in range(sch.num_scales):
+      a, b = sch.offsets[si], sch.offsets[si + 1]
+      inp = m.sos(cond) if si == 0 else m.embed_input(x[:, a - 1:b - 1])
+      lg, cache = m.scale_step(si, sch, inp, cond, gss, ca_k, ca_v, k, cache)
+      outs.append(lg)
+    return jnp.concatenate(outs, axis=1)
+
+  got = np.asarray(run(jm, t, k, x))
+  assert rel(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("patchify,negative", [(False, False), (True, True)])
+def test_greedy_cfg_generation_matches_reference(patchify, negative):
+  tm, jm = make_pair(d_vae=16, depth=2, block_chunks=2, seed=5 + patchify)
+  full = schedules.get_schedule(1.333, "1M")  # first 5 scales of the 4:3 template
+  sch = schedules.custom_schedule(full.scales[:5], rope_hw=full.rope_hw)
+  feats, lens = text(6)
+  cfgs = [3.0, 2.5, 1.0, 4.0, 3.5]
+  taus = [1.0, 0.5, 0.7, 1.3, 0.9]
+  neg = text(7, lens=(6,)) if negative else None
+  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=cfgs, tau=taus, top_k=1,
+                                                             top_p=0.0),
+                          text_len=TEXT_LEN, patchify=patchify)
+  res = gen(feats, lens, seed=0, negative=neg, return_logits=True, decode=False)
+  neg_t = None
+  if negative:
+    neg_t = torch_text(*neg) * 2
+  lo, bits, summed = tm.generate(torch_text(feats, lens), sch.scales, sch.rope_hw, cfg=cfgs,
+                                 tau=taus, patchify=patchify, neg_kv_list=neg_t)
+  for si in range(sch.num_scales):
+    np.testing.assert_array_equal(res.bits_per_scale[si], bits[si].numpy(), err_msg=f"scale {si}")
+    assert rel(res.logits_per_scale[si], lo[si].numpy()) <= 1e-5, si
+  np.testing.assert_allclose(res.summed_codes_BHWd, summed.permute(0, 2, 3, 1).numpy(),
+                             rtol=0, atol=1e-6)
+  dv = 4 if patchify else 16
+  assert res.summed_codes_BHWd.shape[-1] == dv
+
+
+def test_forced_bits_reproduce_free_run_and_cfg1_has_no_uncond(pair):
+  tm, jm = pair
+  sch = schedules.custom_schedule([(1, 1), (2, 2), (3, 3)], rope_hw=(6, 6))
+  feats, lens = text(8)
+  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=2.0, top_k=0, top_p=0.9),
+                          text_len=TEXT_LEN, patchify=False)
+  a = gen(feats, lens, seed=3, return_logits=True, decode=False)
+  b = gen(feats, lens, seed=3, forced_bits=a.bits_per_scale, return_logits=True, decode=False)
+  c = gen(feats, lens, seed=4, decode=False)
+  for si in range(3):
+    np.testing.assert_array_equal(a.bits_per_scale[si], b.bits_per_scale[si])
+    np.testing.assert_array_equal(a.logits_per_scale[si], b.logits_per_scale[si])
+  assert any((a.bits_per_scale[si] != c.bits_per_scale[si]).any() for si in range(3))
+  # cfg = 1 everywhere: no unconditional rows (official bs = B); the logits are the
+  # conditional ones, which the reference's doubled batch gives for cfg = 1.
+  g1 = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=1.0, top_k=1), text_len=TEXT_LEN,
+                         patchify=False)
+  assert not g1.use_cfg
+  r1 = g1(feats, lens, return_logits=True, decode=False)
+  lo, bits, _ = tm.generate(torch_text(feats, lens), sch.scales, sch.rope_hw, cfg=1.0)
+  for si in range(3):
+    np.testing.assert_array_equal(r1.bits_per_scale[si], bits[si].numpy())
+    assert rel(r1.logits_per_scale[si], lo[si].numpy()) <= 1e-5
+
+
+def test_sample_bits_semantics():
+  key = jax.random.key(0)
+  l = jnp.asarray(np.random.default_rng(0).standard_normal((4, 500, 8, 2)), jnp.float32)
+  major = np.asarray(l[..., 1] > l[..., 0])
+  np.testing.assert_array_equal(np.asarray(sample_bits(key, l, 1, 0.0)), major)
+  # top-k >= 2 keeps both bits: the draw follows sigmoid(l1 - l0).
+  p1 = np.asarray(jax.nn.sigmoid(l[..., 1] - l[..., 0]))
+  draws = np.mean([np.asarray(sample_bits(jax.random.key(s), l, 900, 0.0)) for s in range(64)], 0)
+  assert abs(draws.mean() - p1.mean()) < 0.01
+  assert np.corrcoef(draws.ravel(), p1.ravel())[0, 1] > 0.9
+  # top-p 0.97: the majority bit whenever the minority probability is <= 0.03.
+  minority = np.minimum(p1, 1 - p1)
+  for s in range(8):
+    b = np.asarray(sample_bits(jax.random.key(s), l, 900, 0.97))
+    np.testing.assert_array_equal(b[minority <= 0.03], major[minority <= 0.03])
+  assert ((minority > 0.03) & (b != major)).any()
+
+
+def test_pixel_shuffle_matches_torch():
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)  # NHWC, C=4*2
+  want = torch.nn.functional.pixel_shuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
+  got = np.asarray(pixel_shuffle2(jnp.asarray(x)))
+  np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
+  np.testing.assert_array_equal(np.asarray(pixel_unshuffle2(jnp.asarray(got))), x)
+
+
+def test_generator_input_errors(pair):
+  _, jm = pair
+  sch = schedules.custom_schedule([(1, 1), (2, 2)])
+  with pytest.raises(ValueError, match="one per scale"):
+    InfinityGenerator(jm, None, sch, 1, InfinitySampling(cfg=[3.0]), patchify=False)
+  with pytest.raises(ValueError, match="tau must be > 0"):
+    InfinityGenerator(jm, None, sch, 1, InfinitySampling(tau=0.0), patchify=False)
+  with pytest.raises(ValueError, match="top_p"):
+    InfinityGenerator(jm, None, sch, 1, InfinitySampling(top_p=1.5), patchify=False)
+  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(), text_len=8, patchify=False)
+  feats, _ = text(9)
+  with pytest.raises(ValueError, match="lengths must be in"):
+    gen(feats, [5, 9], decode=False)
+  with pytest.raises(ValueError, match="batch 2"):
+    gen(feats[:1], [5], decode=False)
+  with pytest.raises(ValueError, match=r"\[B, L, 256\]"):
+    gen(feats[..., :10], [5, 8], decode=False)
+
+
+def test_random_init_builds_and_runs():
+  from sparvar_jax.configs import INFINITY_TINY_D56
+  m = Infinity(INFINITY_TINY_D56, rngs=nnx.Rngs(0))
+  sch = schedules.custom_schedule([(1, 1), (2, 2)])
+  t = jnp.zeros((1, 4, 512)).at[:, :2].set(1.0)
+  lg = nnx.jit(lambda m, t, k, x: m.forward(t, k, x, sch))(
+      m, t, jnp.arange(4)[None] < 2, jnp.zeros((1, 4, 56)))
+  assert lg.shape == (1, 5, 112) and bool(jnp.isfinite(lg).all())
