@@ -30,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sparvar_jax import resize
-from sparvar_jax.schedules import Schedule, vae_schedule
+from sparvar_jax.schedules import Schedule
 
 ProgressFn = Callable[[int, int, float], None]  # (scale index, num scales, seconds)
 Floats = float | Sequence[float]
@@ -94,36 +93,6 @@ def sample_bits(key: jax.Array, logits_Bld2: jax.Array, top_k: int, top_p: float
 
 
 # --------------------------------------------------------------------------------------
-# Bits <-> VAE grid
-# --------------------------------------------------------------------------------------
-
-
-def pixel_shuffle2(x_BhwC: jax.Array) -> jax.Array:
-  """torch pixel_shuffle(2) in NHWC: channel c*4 + a*2 + b of (i, j) -> (c, 2i+a, 2j+b)."""
-  B, h, w, C4 = x_BhwC.shape
-  x = x_BhwC.reshape(B, h, w, C4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3)
-  return x.reshape(B, 2 * h, 2 * w, C4 // 4)
-
-
-def pixel_unshuffle2(x_BHWC: jax.Array) -> jax.Array:
-  """Inverse of pixel_shuffle2 (torch pixel_unshuffle(2)) in NHWC."""
-  B, H, W, C = x_BHWC.shape
-  x = x_BHWC.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 5, 2, 4)
-  return x.reshape(B, H // 2, W // 2, 4 * C)
-
-
-def bits_to_vae_codes(bits_Bld: jax.Array, hw: tuple[int, int], patchify: bool) -> jax.Array:
-  """Token-layout bits [B, h*w, d] -> codes on the VAE grid [B, H, W, dv] fp32."""
-  B = bits_Bld.shape[0]
-  h, w = hw
-  grid = bits_Bld.reshape(B, h, w, -1).astype(jnp.float32)
-  if patchify:
-    grid = pixel_shuffle2(grid)
-  dv = grid.shape[-1]
-  return (2.0 * grid - 1.0) / jnp.sqrt(jnp.float32(dv))
-
-
-# --------------------------------------------------------------------------------------
 # Generator
 # --------------------------------------------------------------------------------------
 
@@ -141,11 +110,14 @@ class InfinityResult:
 
 class InfinityGenerator:
   """Compiled per-scale steps for one model/VAE pair, schedule, batch, text length and
-  sampling setting. `vae` may be None (no decode); it needs `decode(summed_BHWd)`."""
+  sampling setting.
+
+  vae: the BSQ VAE (`sparvar_jax.vae.bsq.BSQVAE`): its bits -> codes -> next-input helpers
+  drive the loop and `decode` makes the image. A VAE built with `nnx.eval_shape` (no
+  weights) is enough when decode=False."""
 
   def __init__(self, model, vae, schedule: Schedule, batch: int, settings: InfinitySampling,
-               *, text_len: int | None = None, patchify: bool | None = None,
-               cache_dtype=None):
+               *, text_len: int | None = None, cache_dtype=None):
     if batch < 1:
       raise ValueError(f"batch must be >= 1, got {batch}")
     cfg = model.cfg
@@ -158,21 +130,17 @@ class InfinityGenerator:
     self.text_len = int(text_len or cfg.text_maxlen)
     if not 1 <= self.text_len <= cfg.text_maxlen:
       raise ValueError(f"text_len must be in [1, {cfg.text_maxlen}], got {text_len}")
-    if patchify is None:
-      vcfg = getattr(vae, "cfg", None)
-      patchify = bool(getattr(vcfg, "apply_spatial_patchify", cfg.d_vae == 56))
-    self.patchify = patchify
-    self.vae_scales = vae_schedule(schedule.scales, patchify)
-    self.dv = cfg.d_vae // (4 if patchify else 1)
+    if vae.cfg.bits_per_token != cfg.d_vae:
+      raise ValueError(f"the VAE gives {vae.cfg.bits_per_token} bits per token but the "
+                       f"transformer predicts {cfg.d_vae}: they do not belong together.")
+    self.vae_hw = tuple(vae.vae_hw(hw) for hw in schedule.scales)
     self.cache_dtype = cache_dtype
-    self.model = model
+    self.model, self.vae = model, vae
     self._mdef, self._mstate = nnx.split(model)
-    self._vae = vae
-    if vae is not None:
-      self._vdef, self._vstate = nnx.split(vae)
+    self._vdef, self._vstate = nnx.split(vae)
     self._begin = jax.jit(self._begin_fn)
     self._steps: dict[tuple[int, bool, bool], Callable] = {}
-    self._decode = jax.jit(self._decode_fn) if vae is not None else None
+    self._decode = jax.jit(self._decode_fn)
 
   # -- traced pieces ------------------------------------------------------------------
 
@@ -185,8 +153,8 @@ class InfinityGenerator:
     gss = model.cond_gss(cond_BD)
     ca_k, ca_v = model.block_text_kv(ca_kv)
     cache = model.init_cache(text_BTK.shape[0], self.schedule, self.cache_dtype)
-    H, W = self.vae_scales[-1]
-    summed = jnp.zeros((self.batch, H, W, self.dv), jnp.float32)
+    H, W = self.vae_hw[-1]
+    summed = jnp.zeros((self.batch, H, W, self.vae.cfg.codebook_dim), jnp.float32)
     return model.sos(cond_BD), cond_BD, gss, ca_k, ca_v, mask_BT, cache, summed
 
   def _make_step(self, si: int, forced: bool, want_logits: bool):
@@ -204,16 +172,14 @@ class InfinityGenerator:
         logits = cfg * logits[:B] + (1.0 - cfg) * logits[B:]
       lg = logits.reshape(B, hw[0] * hw[1], -1, 2)
       bits = forced_bits.astype(jnp.int32) if forced else sample_bits(key, lg, s.top_k, s.top_p)
-      codes = bits_to_vae_codes(bits, hw, self.patchify)
+      # The VAE helpers use only the VAE's config (no weights): bits -> codes on the VAE
+      # grid, summed += bilinear up-size (plain add at the last scale), next input.
+      codes = self.vae.bits_to_codes(bits.reshape(B, hw[0], hw[1], -1))
+      summed = self.vae.add_scale_codes(summed, codes, si, last)
       if last:
-        summed = summed + codes
         x_next = None
       else:
-        summed = summed + resize.resize_hw(codes, self.vae_scales[-1], "bilinear")
-        nxt = resize.resize_hw(summed, self.vae_scales[si + 1], "bilinear")
-        if self.patchify:
-          nxt = pixel_unshuffle2(nxt)
-        x_next = model.embed_input(nxt.reshape(B, -1, nxt.shape[-1]))
+        x_next = model.embed_input(self.vae.next_scale_input(summed, sch.scales[si + 1]))
         if self.use_cfg:
           x_next = jnp.concatenate([x_next, x_next], axis=0)
       return bits.astype(jnp.uint8), (lg if want_logits else None), x_next, cache, summed
@@ -299,7 +265,7 @@ class InfinityGenerator:
       if progress is not None:
         progress(si, n, times[-1])
     img, dec_s = None, 0.0
-    if decode and self._decode is not None:
+    if decode:
       t0 = time.perf_counter()
       img = np.asarray(self._decode(self._vstate, summed))
       dec_s = time.perf_counter() - t0

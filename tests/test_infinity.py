@@ -16,8 +16,8 @@ from convert import common
 from convert.infinity import ZERO_BUFFER, infer_infinity_config, infinity_rules, prepare_state_dict
 from sparvar_jax import schedules
 from sparvar_jax.checkpoint import load_into
-from sparvar_jax.generate_infinity import (InfinityGenerator, InfinitySampling, pixel_shuffle2,
-                                           pixel_unshuffle2, sample_bits)
+from sparvar_jax.configs import BSQVAEConfig
+from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling, sample_bits
 from sparvar_jax.models.infinity import Infinity, abstract_infinity
 from tests.reference.infinity_torch import InfinityRef, init_random_
 
@@ -28,6 +28,14 @@ TEXT_LEN = 16
 def rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def vae_for(d_vae, patchify=False):
+  """A weightless BSQ VAE (its sampler helpers need only the config)."""
+  from sparvar_jax.vae.bsq import BSQVAE
+  cfg = BSQVAEConfig(codebook_dim=d_vae // (4 if patchify else 1), base_ch=32, ch_mult=(1, 1),
+                     num_res_blocks=1, apply_spatial_patchify=patchify)
+  return nnx.eval_shape(lambda: BSQVAE(cfg, rngs=nnx.Rngs(0)))
 
 
 def make_pair(d_vae=16, depth=4, block_chunks=2, seed=0):
@@ -119,9 +127,9 @@ def test_greedy_cfg_generation_matches_reference(patchify, negative):
   cfgs = [3.0, 2.5, 1.0, 4.0, 3.5]
   taus = [1.0, 0.5, 0.7, 1.3, 0.9]
   neg = text(7, lens=(6,)) if negative else None
-  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=cfgs, tau=taus, top_k=1,
-                                                             top_p=0.0),
-                          text_len=TEXT_LEN, patchify=patchify)
+  gen = InfinityGenerator(jm, vae_for(16, patchify), sch, 2,
+                          InfinitySampling(cfg=cfgs, tau=taus, top_k=1, top_p=0.0),
+                          text_len=TEXT_LEN)
   res = gen(feats, lens, seed=0, negative=neg, return_logits=True, decode=False)
   neg_t = None
   if negative:
@@ -141,8 +149,8 @@ def test_forced_bits_reproduce_free_run_and_cfg1_has_no_uncond(pair):
   tm, jm = pair
   sch = schedules.custom_schedule([(1, 1), (2, 2), (3, 3)], rope_hw=(6, 6))
   feats, lens = text(8)
-  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=2.0, top_k=0, top_p=0.9),
-                          text_len=TEXT_LEN, patchify=False)
+  gen = InfinityGenerator(jm, vae_for(16), sch, 2, InfinitySampling(cfg=2.0, top_k=0, top_p=0.9),
+                          text_len=TEXT_LEN)
   a = gen(feats, lens, seed=3, return_logits=True, decode=False)
   b = gen(feats, lens, seed=3, forced_bits=a.bits_per_scale, return_logits=True, decode=False)
   c = gen(feats, lens, seed=4, decode=False)
@@ -152,8 +160,8 @@ def test_forced_bits_reproduce_free_run_and_cfg1_has_no_uncond(pair):
   assert any((a.bits_per_scale[si] != c.bits_per_scale[si]).any() for si in range(3))
   # cfg = 1 everywhere: no unconditional rows (official bs = B); the logits are the
   # conditional ones, which the reference's doubled batch gives for cfg = 1.
-  g1 = InfinityGenerator(jm, None, sch, 2, InfinitySampling(cfg=1.0, top_k=1), text_len=TEXT_LEN,
-                         patchify=False)
+  g1 = InfinityGenerator(jm, vae_for(16), sch, 2, InfinitySampling(cfg=1.0, top_k=1),
+                         text_len=TEXT_LEN)
   assert not g1.use_cfg
   r1 = g1(feats, lens, return_logits=True, decode=False)
   lo, bits, _ = tm.generate(torch_text(feats, lens), sch.scales, sch.rope_hw, cfg=1.0)
@@ -180,24 +188,19 @@ def test_sample_bits_semantics():
   assert ((minority > 0.03) & (b != major)).any()
 
 
-def test_pixel_shuffle_matches_torch():
-  x = np.random.default_rng(0).standard_normal((2, 3, 5, 8)).astype(np.float32)  # NHWC, C=4*2
-  want = torch.nn.functional.pixel_shuffle(torch.from_numpy(x).permute(0, 3, 1, 2), 2)
-  got = np.asarray(pixel_shuffle2(jnp.asarray(x)))
-  np.testing.assert_array_equal(got, want.permute(0, 2, 3, 1).numpy())
-  np.testing.assert_array_equal(np.asarray(pixel_unshuffle2(jnp.asarray(got))), x)
-
-
 def test_generator_input_errors(pair):
   _, jm = pair
   sch = schedules.custom_schedule([(1, 1), (2, 2)])
+  vae = vae_for(16)
   with pytest.raises(ValueError, match="one per scale"):
-    InfinityGenerator(jm, None, sch, 1, InfinitySampling(cfg=[3.0]), patchify=False)
+    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(cfg=[3.0]))
   with pytest.raises(ValueError, match="tau must be > 0"):
-    InfinityGenerator(jm, None, sch, 1, InfinitySampling(tau=0.0), patchify=False)
+    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(tau=0.0))
   with pytest.raises(ValueError, match="top_p"):
-    InfinityGenerator(jm, None, sch, 1, InfinitySampling(top_p=1.5), patchify=False)
-  gen = InfinityGenerator(jm, None, sch, 2, InfinitySampling(), text_len=8, patchify=False)
+    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(top_p=1.5))
+  with pytest.raises(ValueError, match="do not belong together"):
+    InfinityGenerator(jm, vae_for(32), sch, 1, InfinitySampling())
+  gen = InfinityGenerator(jm, vae, sch, 2, InfinitySampling(), text_len=8)
   feats, _ = text(9)
   with pytest.raises(ValueError, match="lengths must be in"):
     gen(feats, [5, 9], decode=False)
