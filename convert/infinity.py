@@ -253,10 +253,7 @@ def pairing_check(cfg: InfinityConfig, vae_bits: int, vae_path: str) -> None:
 
 
 def _bsq():
-  try:
-    from convert import bsq_rules  # pylint: disable=g-import-not-at-top
-  except ImportError as e:  # pragma: no cover - the module ships with the package
-    raise ConversionError("convert.bsq_rules is missing from this installation.") from e
+  from convert import bsq_rules  # pylint: disable=g-import-not-at-top
   return bsq_rules
 
 
@@ -284,10 +281,7 @@ def convert_trees(model_path: str, vae_path: str, *, progress: bool = False):
   tree = common.apply_rules(sd, infinity_rules(cfg), ignore=[ZERO_BUFFER],
                             what=f"Infinity transformer {model_path!r}", progress=progress)
   del sd
-  vtree = bsq.convert_bsq_state_dict(vsd, vcfg, what=f"BSQ VAE {vae_path!r}", progress=progress) \
-      if hasattr(bsq, "convert_bsq_state_dict") else common.apply_rules(
-          vsd, bsq.bsq_rules(vcfg), ignore=getattr(bsq, "IGNORE", ()),
-          what=f"BSQ VAE {vae_path!r}", progress=progress)
+  vtree = bsq.convert_bsq_state_dict(vsd, vcfg, what=f"BSQ VAE {vae_path!r}", progress=progress)
   configs = {"infinity": configs_lib.config_to_dict(cfg), "vae": configs_lib.config_to_dict(vcfg)}
   meta = {"model_source": os.path.abspath(model_path), "vae_source": os.path.abspath(vae_path),
           "strict_keys": True, **notes}

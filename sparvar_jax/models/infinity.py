@@ -244,7 +244,6 @@ def load_infinity(ckpt_dir: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
   vae = None
   if with_vae:
     from sparvar_jax.vae import bsq  # pylint: disable=g-import-not-at-top
-    vae = bsq.abstract_bsq(cfgs["vae"]) if hasattr(bsq, "abstract_bsq") else bsq.BSQVAE(
-        cfgs["vae"], rngs=nnx.Rngs(0))
+    vae = nnx.eval_shape(lambda: bsq.BSQVAE(cfgs["vae"], rngs=nnx.Rngs(0)))
     checkpoint.load_into(vae, checkpoint.read_tree(ckpt_dir, "vae"), what="BSQ VAE")
   return model, vae, cfgs
