@@ -1,0 +1,128 @@
+"""convert.infinity: strict key sets, config inference, official load-time fix-ups, shards,
+pairing check, CLI round trip into load_infinity."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from convert import infinity as conv
+from convert.common import ConversionError
+from sparvar_jax.models.infinity import load_infinity
+from tests.conftest import golden_dir
+
+
+def _paths(name):
+  d = golden_dir(name)
+  return os.path.join(d, "infinity_tiny.pth"), os.path.join(d, "vae_tiny.pth")
+
+
+@pytest.fixture(scope="module")
+def d32():
+  return _paths("infinity_tiny_d32")
+
+
+@pytest.fixture(scope="module")
+def sd32(d32):
+  return torch.load(d32[0], weights_only=True)
+
+
+def _save(tmp_path, obj, name="model.pth"):
+  p = str(tmp_path / name)
+  torch.save(obj, p)
+  return p
+
+
+def test_cli_round_trip_and_load(d32, tmp_path):
+  out = str(tmp_path / "ckpt")
+  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
+  assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # atomic: no leftovers
+  model, vae, cfgs = load_infinity(out)
+  assert cfgs["infinity"].block_chunks == 2 and vae.cfg.codebook_dim == 32
+  sd = torch.load(d32[0], weights_only=True)
+  np.testing.assert_array_equal(np.asarray(model.blocks.sa.mat_qkv.kernel[...][1]),
+                                sd["block_chunks.1.module.0.sa.mat_qkv.weight"].numpy().T)
+  np.testing.assert_array_equal(np.asarray(model.text_proj_for_sos.mat_q[...]),
+                                sd["text_proj_for_sos.ca.mat_q"].numpy()[0])
+  meta = json.load(open(os.path.join(out, "config.json")))["meta"]
+  assert meta["strict_keys"] and meta["cfg_uncond_rows_in_checkpoint"] == 512
+  with pytest.raises(SystemExit):  # exists, no --overwrite: one-paragraph error, exit 2
+    conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
+  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite"])
+
+
+def test_pairing_check_names_the_right_vae(d32):
+  _, vae56 = _paths("infinity_tiny_d56_patchify")
+  with pytest.raises(ConversionError, match="infinity_vae_d32reg.pth"):
+    conv.convert_trees(d32[0], vae56)
+  m56, _ = _paths("infinity_tiny_d56_patchify")
+  with pytest.raises(ConversionError, match="infinity_vae_d56_f8_14_patchify.pth"):
+    conv.convert_trees(m56, d32[1])
+
+
+def test_strict_keys(sd32, d32, tmp_path):
+  bad = dict(sd32)
+  del bad["block_chunks.1.module.0.ca.v_bias"]
+  bad["block_chunks.0.module.0.sa.extra"] = torch.zeros(3)
+  bad["head.bias"] = torch.zeros(7)
+  with pytest.raises(ConversionError) as e:
+    conv.convert_trees(_save(tmp_path, bad), d32[1])
+  msg = str(e.value)
+  assert "missing keys (1)" in msg and "block_chunks.1.module.0.ca.v_bias" in msg
+  assert "unexpected keys (1)" in msg and "sa.extra" in msg
+  assert "head.bias: expected (64,), found (7,)" in msg
+  nz = dict(sd32)
+  nz["block_chunks.0.module.0.sa.zero_k_bias"] = torch.ones(256)
+  with pytest.raises(ConversionError, match="must be zero"):
+    conv.convert_trees(_save(tmp_path, nz, "nz.pth"), d32[1])
+  with pytest.raises(ConversionError, match="no 'word_embed.weight'"):
+    conv.convert_trees(_save(tmp_path, {"x": torch.zeros(1)}, "x.pth"), d32[1])
+  with pytest.raises(ConversionError, match="does not exist"):
+    conv.convert_trees(str(tmp_path / "nope.pth"), d32[1])
+  with pytest.raises(ConversionError, match="does not exist"):
+    conv.convert_trees(d32[0], str(tmp_path / "nope.pth"))
+
+
+def test_cfg_uncond_padded_or_truncated_as_official(sd32, d32, tmp_path):
+  K = sd32["cfg_uncond"].shape[1]
+  short = dict(sd32, cfg_uncond=sd32["cfg_uncond"][:300].clone())
+  trees, _, meta = conv.convert_trees(_save(tmp_path, short), d32[1])
+  u = trees["infinity"]["cfg_uncond"]
+  assert u.shape == (512, K) and meta["cfg_uncond_rows_in_checkpoint"] == 300
+  np.testing.assert_array_equal(u[:300], sd32["cfg_uncond"][:300].numpy())
+  # Rows 300.. come from the official constructor's initialisation.
+  init = torch.empty(512, K)
+  torch.nn.init.trunc_normal_(init, std=1.2, generator=torch.Generator().manual_seed(0))
+  np.testing.assert_array_equal(u[300:], (init / K ** 0.5).numpy()[300:])
+  long = dict(sd32, cfg_uncond=torch.cat([sd32["cfg_uncond"], sd32["cfg_uncond"][:100]]))
+  trees, _, meta = conv.convert_trees(_save(tmp_path, long, "long.pth"), d32[1])
+  np.testing.assert_array_equal(trees["infinity"]["cfg_uncond"], sd32["cfg_uncond"].numpy())
+  assert meta["cfg_uncond_rows_in_checkpoint"] == 612
+
+
+def test_sharded_wrapped_and_flat_layouts_convert_alike(sd32, d32, tmp_path):
+  from safetensors.torch import save_file
+  ref, _, _ = conv.convert_trees(*d32)
+  shards = tmp_path / "infinity_8b_weights"
+  shards.mkdir()
+  keys = sorted(sd32)
+  half = len(keys) // 2
+  for i, part in enumerate((keys[:half], keys[half:])):
+    save_file({k: sd32[k].contiguous() for k in part},
+              str(shards / f"model-{i + 1:05d}-of-00002.safetensors"))
+  json.dump({"weight_map": {k: "x" for k in keys}},
+            open(shards / "model.safetensors.index.json", "w"))
+  wrapped = _save(tmp_path, {"trainer": {"gpt_fsdp": dict(sd32)}}, "ft.pth")
+  # block_chunks=1 layout: blocks.{i}.*
+  flat = {(k.replace("block_chunks.", "blocks.").replace(".module.0.", ".")
+           if k.startswith("block_chunks.") else k): v for k, v in sd32.items()}
+  for path, chunks in ((str(shards), 2), (wrapped, 2), (_save(tmp_path, flat, "flat.pth"), 1)):
+    trees, cfgs, _ = conv.convert_trees(path, d32[1])
+    assert cfgs["infinity"]["block_chunks"] == chunks
+    np.testing.assert_array_equal(trees["infinity"]["cfg_uncond"], ref["infinity"]["cfg_uncond"])
+    np.testing.assert_array_equal(trees["infinity"]["head"]["kernel"],
+                                  ref["infinity"]["head"]["kernel"])
+    np.testing.assert_array_equal(trees["infinity"]["blocks"]["ffn"]["fc2"]["kernel"],
+                                  ref["infinity"]["blocks"]["ffn"]["fc2"]["kernel"])
