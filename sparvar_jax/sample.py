@@ -102,8 +102,16 @@ def run(argv_flags=None) -> dict:
   from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
 
   labels, batch = _parse_labels(_LABELS.value, _BATCH.value)
+  if labels is not None:
+    bad = [c for c in labels if not 0 <= c < 1000]
+    if bad:
+      raise UsageError(f"class ids must be in [0, 1000) (ImageNet classes), got {bad}")
   settings = VARSampling(cfg=_CFG.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
                          more_smooth=_MORE_SMOOTH.value)
+  try:
+    settings.validate(vocab_size=None)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   out_dir = outputs.prepare_dir(_OUT.value)
 
   jax = _setup_jax()
@@ -120,7 +128,10 @@ def run(argv_flags=None) -> dict:
   if _CHECKPOINT.value is None:
     print("note: the default model's weights are random, so its images are noise; pass "
           "--checkpoint for real images.", file=sys.stderr)
-  settings.validate(var.cfg.vocab_size)
+  try:
+    settings.validate(var.cfg.vocab_size)
+  except ValueError as e:
+    raise UsageError(str(e)) from e
   gen = VARGenerator(var, vae, batch, settings, cache_dtype=dtype)
   if labels is None:
     labels = gen.sample_labels(_SEED.value).tolist()
@@ -170,7 +181,7 @@ def main(argv):
   from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
   try:
     run()
-  except (UsageError, ValueError, CheckpointError, OutputError) as e:
+  except (UsageError, CheckpointError, OutputError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

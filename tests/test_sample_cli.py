@@ -1,0 +1,83 @@
+"""`python -m sparvar_jax.sample`: the embedded default, a converted checkpoint, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, timeout=240):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  return subprocess.run([sys.executable, "-m", "sparvar_jax.sample", *args], cwd=_ROOT,
+                        env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _assert_clean_error(p, *needles):
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  assert "Traceback" not in p.stderr, p.stderr[-2000:]
+  for n in needles:
+    assert n in p.stderr, (n, p.stderr[-2000:])
+
+
+def test_default_run_writes_grid_report_and_npz(tmp_path):
+  out = tmp_path / "samples"
+  p = _run("--out", str(out), "--batch", "2", "--save_npz", "--top_k", "1")
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "RANDOM" in p.stderr or "random" in p.stderr
+  assert "scale 10/10" in p.stderr  # progress per scale
+  report = json.loads((out / "report.json").read_text())
+  assert report["random_weights"] is True
+  assert len(report["seconds"]["per_scale_first_run_incl_compile"]) == 10
+  assert report["settings"]["batch"] == 2
+  assert (out / "grid.png").stat().st_size > 0
+  npz = np.load(out / "samples.npz")
+  assert npz["image_BHW3"].shape == (2, 256, 256, 3)
+  assert 0.0 <= npz["image_BHW3"].min() and npz["image_BHW3"].max() <= 1.0
+  assert [npz[f"idx_scale{i}"].shape for i in range(10)] == [(2, pn * pn) for pn in
+                                                              (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+  # Same seed and greedy decoding: the same tokens again.
+  out2 = tmp_path / "again"
+  p2 = _run("--out", str(out2), "--batch", "2", "--save_npz", "--top_k", "1")
+  assert p2.returncode == 0, p2.stderr[-3000:]
+  npz2 = np.load(out2 / "samples.npz")
+  for i in range(10):
+    np.testing.assert_array_equal(npz[f"idx_scale{i}"], npz2[f"idx_scale{i}"])
+  assert not [f for f in os.listdir(out) if f.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--labels", "3,1000"], ["class ids must be in [0, 1000)", "1000"]),
+    (["--labels", "-1"], ["class ids must be in [0, 1000)"]),
+    (["--labels", "a,b"], ["--labels must be comma-separated integers"]),
+    (["--batch", "0"], ["--batch must be >= 1"]),
+    (["--labels", "1,2,3", "--batch", "2"], ["gives 3 ids but --batch is 2"]),
+    (["--cfg", "-1"], ["cfg must be"]),
+    (["--cfg", "nan"], ["cfg must be"]),
+    (["--top_k", "-3"], ["top_k must be >= 0"]),
+    (["--top_k", "5000"], ["exceeds the vocabulary size"]),
+    (["--top_p", "1.5"], ["top_p must be in [0, 1)"]),
+    (["--checkpoint", "/nonexistent/ckpt"], ["does not exist", "convert"]),
+])
+def test_bad_input_is_one_clean_paragraph(tmp_path, args, needles):
+  out = tmp_path / "o"
+  p = _run("--out", str(out), *args)
+  _assert_clean_error(p, "error:", *needles)
+  assert not (out / "report.json").exists()
+
+
+def test_unwritable_output(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  p = _run("--out", str(blocker / "sub"))
+  _assert_clean_error(p, "cannot write to output folder")
+
+
+def test_checkpoint_dir_without_config(tmp_path):
+  (tmp_path / "ck").mkdir()
+  p = _run("--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck"))
+  _assert_clean_error(p, "config.json")
