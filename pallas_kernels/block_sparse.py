@@ -114,8 +114,11 @@ def _kernel(q_ref, k_ref, v_ref, fnum_ref, fidx_ref, pnum_ref, pidx_ref, *rest, 
   def tile_start(idx_ref, s):
     if sub_kv == 1:
       return pl.multiple_of(idx_ref[s] * block_kv, block_kv)
-    blk = idx_ref[s // sub_kv]
-    return pl.multiple_of((blk * sub_kv + s % sub_kv) * block_kv, block_kv)
+    # lax.div/rem on int32: jnp's floor-mod lowers to a mixed i32/i1 op the Triton backend
+    # rejects (seen on jax 0.11.2).
+    pos = lax.div(s, jnp.int32(sub_kv))
+    sub = s - pos * sub_kv
+    return pl.multiple_of((idx_ref[pos] * sub_kv + sub) * block_kv, block_kv)
 
   def full_body(s, carry):
     start = tile_start(fidx_ref, s)

@@ -42,20 +42,25 @@ class ColsumConfig:
         raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tiles).")
 
 
-def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block_q):
+def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block_q, num_groups):
+  # One key tile per program, all groups streamed past it: the tile is loaded once and each
+  # program has enough work (a grid over groups too would launch ~10k tiny programs).
   k = k_ref[...]
-  g = pl.program_id(1)
 
-  def body(c, acc):
-    start = pl.multiple_of(g * group_size + c * block_q, block_q)
-    q = q_ref[pl.ds(start, block_q), :]
-    lse2 = lse_ref[pl.ds(start, block_q)]
-    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    p = jnp.exp2(s * qk_scale - lse2[:, None])
-    return acc + jnp.sum(p, axis=0)
+  def group(g, carry):
+    def chunk(c, acc):
+      start = pl.multiple_of(g * group_size + c * block_q, block_q)
+      q = q_ref[pl.ds(start, block_q), :]
+      lse2 = lse_ref[pl.ds(start, block_q)]
+      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+      p = jnp.exp2(s * qk_scale - lse2[:, None])
+      return acc + jnp.sum(p, axis=0)
 
-  cs_ref[...] = lax.fori_loop(0, group_size // block_q, body,
-                              jnp.zeros((k.shape[0],), jnp.float32))
+    cs_ref[g, :] = lax.fori_loop(0, group_size // block_q, chunk,
+                                 jnp.zeros((k.shape[0],), jnp.float32))
+    return carry
+
+  lax.fori_loop(0, num_groups, group, 0)
 
 
 def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
@@ -73,17 +78,15 @@ def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
   lse2 = _pad_axis(lse.astype(jnp.float32) * LOG2E, 2, lq_pad, value=jnp.inf)
   sq = _compat.SQUEEZED
   kernel = functools.partial(_colsum_kernel, qk_scale=scale * LOG2E, group_size=group_size,
-                             block_q=config.block_q)
+                             block_q=config.block_q, num_groups=ng)
   with _compat.quiet_triton_deprecation():
     cs = pl.pallas_call(
         kernel, out_shape=jax.ShapeDtypeStruct((b, h, ng, lk_pad), jnp.float32),
-        grid=(lk_pad // config.block_kv, ng, b * h),
-        in_specs=[pl.BlockSpec((sq, lq_pad, sq, d), lambda kb, g, bh: (bh // h, 0, bh % h, 0)),
-                  pl.BlockSpec((sq, config.block_kv, sq, d),
-                               lambda kb, g, bh: (bh // h, kb, bh % h, 0)),
-                  pl.BlockSpec((sq, sq, lq_pad), lambda kb, g, bh: (bh // h, bh % h, 0))],
-        out_specs=pl.BlockSpec((sq, sq, sq, config.block_kv),
-                               lambda kb, g, bh: (bh // h, bh % h, g, kb)),
+        grid=(lk_pad // config.block_kv, b, h),
+        in_specs=[pl.BlockSpec((sq, lq_pad, sq, d), lambda kb, bi, hi: (bi, 0, hi, 0)),
+                  pl.BlockSpec((sq, config.block_kv, sq, d), lambda kb, bi, hi: (bi, kb, hi, 0)),
+                  pl.BlockSpec((sq, sq, lq_pad), lambda kb, bi, hi: (bi, hi, 0))],
+        out_specs=pl.BlockSpec((sq, sq, ng, config.block_kv), lambda kb, bi, hi: (bi, hi, 0, kb)),
         compiler_params=_compat.triton_params(config.num_warps, config.num_stages),
         interpret=interpret, name="attention_column_sums",
     )(_pad_axis(q, 1, lq_pad), _pad_axis(k, 1, lk_pad), lse2)

@@ -23,7 +23,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.block_sparse import LOG2E, _M_INIT, _check_qkv, _is_pow2, _online_softmax_step, _pad_axis
+from pallas_kernels.block_mask import TokenBoxRule
+from pallas_kernels.block_sparse import (LOG2E, _M_INIT, _check_qkv, _is_pow2,
+                                         _online_softmax_step, _pad_axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +59,23 @@ def validate_gather_lists(indices, counts, kv_len: int):
 
 
 def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, block_kv,
-            has_residual):
-  if has_residual:
-    res_ref, o_ref = rest
+            has_residual, permuted, exact):
+  rest = list(rest)
+  qperm_ref = rest.pop(0) if permuted else None
+  qyx_ref, kbox_ref = (rest.pop(0), rest.pop(0)) if exact else (None, None)
+  res_ref = rest.pop(0) if has_residual else None
+  (o_ref,) = rest
+  if permuted:
+    # Query tile gathered by index (e.g. a 2D patch of the scale), written back the same way.
+    qids = qperm_ref[...]
+    q = q_ref[qids, :]
   else:
-    (o_ref,) = rest
-  bq, d = q_ref.shape
-  q = q_ref[...]
+    q = q_ref[...]
+  bq, d = q.shape
   cnt = cnt_ref[0]
+  if exact:
+    qy = qyx_ref[0, :]
+    qx = qyx_ref[1, :]
   carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
 
@@ -74,34 +85,50 @@ def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, bloc
     k = k_ref[ids, :]
     v = v_ref[ids, :]
     keep = ((start + jnp.arange(block_kv, dtype=jnp.int32)) < cnt)[None, :]
+    if exact:
+      ylo, yhi, xlo, xhi = (kbox_ref[r, ids] for r in range(4))
+      keep = (keep & (ylo[None, :] <= qy[:, None]) & (qy[:, None] <= yhi[None, :])
+              & (xlo[None, :] <= qx[:, None]) & (qx[:, None] <= xhi[None, :]))
     return _online_softmax_step(q, k, v, carry, qk_scale, keep)
 
   acc, _, l = lax.fori_loop(0, (cnt + block_kv - 1) // block_kv, body, carry)
   ok = l > 0
   out = jnp.where(ok[:, None], acc / jnp.where(ok, l, 1.0)[:, None], 0.0)
   if has_residual:
-    out = out + res_ref[...].astype(jnp.float32)
-  o_ref[...] = out.astype(o_ref.dtype)
+    res = res_ref[qids, :] if permuted else res_ref[...]
+    out = out + res.astype(jnp.float32)
+  if permuted:
+    o_ref[qids, :] = out.astype(o_ref.dtype)
+  else:
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale", "config", "interpret"))
 def gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int,
+                     q_perm=None, rule: TokenBoxRule | None = None,
                      scale: float | None = None, config: GatherConfig = GatherConfig(),
                      interpret: bool = False):
   """Attention of each query group over its gathered keys.
 
-  q [B, Lq, H, D]; k, v [B, Lk, H, D]; indices int32 [B, H, G, S] with G = ceil(Lq / group_size);
-  counts int32 [B, H, G]; residual [B, Lq, H, D] or None. Returns [B, Lq, H, D] in q.dtype.
-  group_size must be a multiple of config.block_q.
+  q [B, Lq, H, D]; k, v [B, Lk, H, D]; indices int32 [Bm, Hm, G, S] with G = ceil(Lq / group_size)
+  and Bm in {1, B}, Hm in {1, H}; counts int32 [Bm, Hm, G]; residual [B, Lq, H, D] or None.
+  q_perm: optional int32 [G * group_size], a permutation of the queries (needs Lq a multiple
+    of group_size): group g holds queries q_perm[g*group_size:(g+1)*group_size], e.g. 2D
+    patches of a scale. Outputs stay in the original order.
+  rule: optional TokenBoxRule [Lq queries, Lk keys]; the selected keys are then also masked
+    token by token (exact sparse attention over a per-group superset list).
+  Returns [B, Lq, H, D] in q.dtype. group_size must be a multiple of config.block_q.
   """
   b, lq, h, d = q.shape
   lk = k.shape[1]
   _check_qkv(q, k, v, lk)
   ng = -(-lq // group_size)
-  if indices.shape[:3] != (b, h, ng) or counts.shape != (b, h, ng):
-    raise ValueError(f"indices must be [B, H, G, S]=[{b}, {h}, {ng}, S] and counts [{b}, {h}, "
-                     f"{ng}] for Lq={lq}, group_size={group_size}; got {indices.shape} and "
-                     f"{counts.shape}.")
+  bm, hm = indices.shape[:2]
+  if (indices.ndim != 4 or indices.shape[2] != ng or counts.shape != indices.shape[:3]
+      or bm not in (1, b) or hm not in (1, h)):
+    raise ValueError(f"indices must be [Bm, Hm, G, S] with G={ng} (Lq={lq}, group_size="
+                     f"{group_size}), Bm in (1, {b}), Hm in (1, {h}), and counts [Bm, Hm, G]; "
+                     f"got {indices.shape} and {counts.shape}.")
   if group_size % config.block_q:
     raise ValueError(f"group_size={group_size} must be a multiple of the query tile "
                      f"config.block_q={config.block_q}.")
@@ -110,6 +137,12 @@ def gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int
                               "two >= 16); use gather_attention_reference.")
   if residual is not None and residual.shape != q.shape:
     raise ValueError(f"residual must have q's shape {q.shape}; got {residual.shape}.")
+  permuted = q_perm is not None
+  if permuted and (lq % group_size or q_perm.shape != (lq,)):
+    raise ValueError(f"q_perm needs Lq={lq} to be a multiple of group_size={group_size} and "
+                     f"shape ({lq},); got {q_perm.shape}.")
+  if rule is not None and (rule.q_len != lq or rule.kv_len != lk):
+    raise ValueError(f"rule tables are for {rule.q_len} x {rule.kv_len}, the call is {lq} x {lk}.")
   scale = d ** -0.5 if scale is None else scale
   bq, bk = config.block_q, config.block_kv
   lq_pad = ng * group_size
@@ -117,21 +150,38 @@ def gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int
   idx = _pad_axis(jnp.asarray(indices, jnp.int32), 3, slots)
   cnt = jnp.asarray(counts, jnp.int32)
   per_group = group_size // bq
+  sel_b = (lambda bi: bi) if bm > 1 else (lambda bi: 0)
+  sel_h = (lambda hi: hi) if hm > 1 else (lambda hi: 0)
   sq = _compat.SQUEEZED
-  q_spec = pl.BlockSpec((sq, bq, sq, d), lambda i, bi, hi: (bi, i, hi, 0))
+  if permuted:
+    q_spec = pl.BlockSpec((sq, lq, sq, d), lambda i, bi, hi: (bi, 0, hi, 0))
+  else:
+    q_spec = pl.BlockSpec((sq, bq, sq, d), lambda i, bi, hi: (bi, i, hi, 0))
   kv_spec = pl.BlockSpec((sq, lk, sq, d), lambda i, bi, hi: (bi, 0, hi, 0))
   in_specs = [q_spec, kv_spec, kv_spec,
-              pl.BlockSpec((sq, sq, 1), lambda i, bi, hi: (bi, hi, i // per_group)),
-              pl.BlockSpec((sq, sq, sq, slots), lambda i, bi, hi: (bi, hi, i // per_group, 0))]
-  args = [_pad_axis(q, 1, lq_pad), k, v, cnt, idx]
+              pl.BlockSpec((sq, sq, 1), lambda i, bi, hi: (sel_b(bi), sel_h(hi), i // per_group)),
+              pl.BlockSpec((sq, sq, sq, slots),
+                           lambda i, bi, hi: (sel_b(bi), sel_h(hi), i // per_group, 0))]
+  args = [q if permuted else _pad_axis(q, 1, lq_pad), k, v, cnt, idx]
+  if permuted:
+    in_specs.append(pl.BlockSpec((bq,), lambda i, bi, hi: (i,)))
+    args.append(jnp.asarray(q_perm, jnp.int32))
+  if rule is not None:
+    qyx = jnp.asarray(rule.q_yx_2Q, jnp.int32)
+    qyx = jnp.take(qyx, jnp.asarray(q_perm, jnp.int32), axis=1) if permuted else _pad_axis(
+        qyx, 1, lq_pad, value=-1)
+    in_specs += [pl.BlockSpec((2, bq), lambda i, bi, hi: (0, i)),
+                 pl.BlockSpec((4, lk), lambda i, bi, hi: (0, 0))]
+    args += [qyx, jnp.asarray(rule.k_box_4K, jnp.int32)]
   if residual is not None:
     in_specs.append(q_spec)
-    args.append(_pad_axis(residual, 1, lq_pad))
+    args.append(residual if permuted else _pad_axis(residual, 1, lq_pad))
   kernel = functools.partial(_kernel, qk_scale=scale * LOG2E, kv_len=lk, block_kv=bk,
-                             has_residual=residual is not None)
+                             has_residual=residual is not None, permuted=permuted,
+                             exact=rule is not None)
   with _compat.quiet_triton_deprecation():
     out = pl.pallas_call(
-        kernel, out_shape=jax.ShapeDtypeStruct((b, lq_pad, h, d), q.dtype),
+        kernel, out_shape=jax.ShapeDtypeStruct((b, lq if permuted else lq_pad, h, d), q.dtype),
         grid=(lq_pad // bq, b, h), in_specs=in_specs, out_specs=q_spec,
         compiler_params=_compat.triton_params(config.num_warps, config.num_stages),
         interpret=interpret, name="gather_attention")(*args)
@@ -140,27 +190,34 @@ def gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale"))
 def gather_attention_reference(q, k, v, indices, counts, residual=None, *, group_size: int,
+                               q_perm=None, rule: TokenBoxRule | None = None,
                                scale: float | None = None):
-  """Pure-JAX f32 reference of `gather_attention` (gathers keys per group, dense softmax)."""
+  """Pure-JAX f32 reference of `gather_attention`: the dense token mask it implies."""
   b, lq, h, d = q.shape
-  scale = d ** -0.5 if scale is None else scale
+  lk = k.shape[1]
   ng = indices.shape[2]
-  qf = _pad_axis(q.astype(jnp.float32), 1, ng * group_size).reshape(b, ng, group_size, h, d)
-  kf = jnp.transpose(k.astype(jnp.float32), (0, 2, 1, 3))  # [B, H, K, D]
-  vf = jnp.transpose(v.astype(jnp.float32), (0, 2, 1, 3))
-  idx = jnp.clip(indices, 0, k.shape[1] - 1)
-  ks = jax.vmap(jax.vmap(lambda kk, ii: kk[ii]))(kf, idx)  # [B, H, G, S, D]
-  vs = jax.vmap(jax.vmap(lambda vv, ii: vv[ii]))(vf, idx)
-  s = jnp.einsum("bgqhd,bhgsd->bhgqs", qf, ks, precision=lax.Precision.HIGHEST) * scale
-  keep = (jnp.arange(indices.shape[-1]) < counts[..., None])[:, :, :, None, :]
+  valid = jnp.arange(indices.shape[-1]) < counts[..., None]
+  idx = jnp.clip(indices, 0, lk - 1)
+  # Multiplicity of each key in each group's list (repeats count twice, as in the kernel).
+  bi, hi, gi, _ = jnp.indices(idx.shape, sparse=True)
+  mult_BHGK = jnp.zeros(idx.shape[:3] + (lk,), jnp.float32).at[bi, hi, gi, idx].add(
+      valid.astype(jnp.float32))
+  order = jnp.arange(lq) if q_perm is None else jnp.asarray(q_perm)
+  group_of_q = jnp.zeros((lq,), jnp.int32).at[order].set(jnp.arange(lq) // group_size)
+  mult = jnp.broadcast_to(mult_BHGK, (b, h, ng, lk))[:, :, group_of_q]  # [B, H, Lq, Lk]
+  if rule is not None:
+    mult = mult * rule.token_mask_jnp()[None, None]
+  scale = d ** -0.5 if scale is None else scale
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  s = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=lax.Precision.HIGHEST) * scale
+  keep = mult > 0
   s = jnp.where(keep, s, -jnp.inf)
   m = jnp.max(s, axis=-1, keepdims=True)
   m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(keep, jnp.exp(s - m), 0.0)
+  p = jnp.where(keep, mult * jnp.exp(s - m), 0.0)
   l = jnp.sum(p, axis=-1, keepdims=True)
   p = jnp.where(l > 0, p / jnp.where(l > 0, l, 1.0), 0.0)
-  out = jnp.einsum("bhgqs,bhgsd->bgqhd", p, vs, precision=lax.Precision.HIGHEST)
-  out = out.reshape(b, ng * group_size, h, d)[:, :lq]
+  out = jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=lax.Precision.HIGHEST)
   if residual is not None:
     out = out + residual.astype(jnp.float32)
   return out

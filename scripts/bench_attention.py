@@ -122,7 +122,7 @@ def jax_part(args):
   # --- tuning: a few tiles on the heaviest shape, 16 heads, scale 12
   cands = [BlockSparseConfig(128, 64, 4, 2), BlockSparseConfig(128, 64, 8, 2),
            BlockSparseConfig(128, 128, 8, 2), BlockSparseConfig(128, 64, 4, 3),
-           BlockSparseConfig(64, 64, 4, 2), BlockSparseConfig(128, 32, 4, 2)]
+           BlockSparseConfig(64, 64, 4, 2)]
   if args.quick:
     cands = cands[:2]
   q, k, v, kb, vb = inputs(args.heads[0], last)
@@ -173,6 +173,16 @@ def jax_part(args):
           timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
                     scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
                     config=str(cfg))
+      if SCHED[scale] % 8 == 0:
+        plan = csla.csla_tile_plan(scale, tile=8)
+        frac = plan["pairs"] / (lq * lk)
+        for mode in ("union", "exact"):
+          f = jax.jit(lambda q, k, v, mode=mode, plan=plan: gather_attention(
+              q, k, v, plan["indices"], plan["counts"], group_size=plan["group_size"],
+              q_perm=jnp.asarray(plan["q_perm"]), rule=plan["rule"] if mode == "exact" else None,
+              config=GatherConfig(64, 64, 4, 2), interpret=interp))
+          timed_row(f, (q, k, v), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+                    impl="ours_pallas", mask=f"csla_tile8_{mode}", frac=frac)
       if scale == last:
         for dens in DENSITIES:
           tbl = random_block_table(rng, heads, -(-lq // 128), -(-lk // 128), dens)
@@ -191,7 +201,7 @@ def jax_part(args):
         cnt = jnp.full((B, heads, ng), budget, jnp.int32)
         res = q * 0.1
         frac = budget / lk
-        for gcfg in (GatherConfig(64, 64, 4, 2), GatherConfig(64, 128, 8, 2)):
+        for gcfg in (GatherConfig(64, 64, 4, 2), GatherConfig(64, 64, 4, 3)):
           f = jax.jit(lambda q, k, v, r, gcfg=gcfg: gather_attention(
               q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
           timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
@@ -291,6 +301,16 @@ def torch_part(args):
                               BLOCK_SIZE=128)
       t = bench(lambda: flex(q, k, v, block_mask=bme))
       row(heads=heads, scale=scale, impl="flex", mask="csla128_exact", ms=t)
+      if SCHED[scale] % 8 == 0:
+        plan = csla.csla_tile_plan(scale, tile=8)
+        frac = plan["pairs"] / (lq * lk)
+        for mode in ("union", "exact"):
+          f = jax.jit(lambda q, k, v, mode=mode, plan=plan: gather_attention(
+              q, k, v, plan["indices"], plan["counts"], group_size=plan["group_size"],
+              q_perm=jnp.asarray(plan["q_perm"]), rule=plan["rule"] if mode == "exact" else None,
+              config=GatherConfig(64, 64, 4, 2), interpret=interp))
+          timed_row(f, (q, k, v), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+                    impl="ours_pallas", mask=f"csla_tile8_{mode}", frac=frac)
       if scale == last:
         for dens in DENSITIES:
           types = masks[f"rand_{heads}_{int(dens * 100)}"]
@@ -310,10 +330,15 @@ def merge_and_print(RJ, RT):
   rows = RJ["rows"] + (RT["rows"] if RT else [])
   key = lambda r: (r["heads"], r["scale"], r["mask"])
   flex = {key(r): r["ms"] for r in rows if r["impl"] == "flex"}
+  tcud = {(r["heads"], r["scale"]): r["ms"] for r in rows if r["impl"] == "torch_cudnn"}
+  alias = {"csla64_block": "csla128_block", "csla64_exact": "csla128_exact",
+           "csla_tile8_union": "csla128_block", "csla_tile8_exact": "csla128_exact"}
   for r in rows:
+    if r["impl"] == "flex" and (r["heads"], r["scale"]) in tcud:
+      r["vs_cudnn"] = tcud[(r["heads"], r["scale"])] / r["ms"]
     if r["impl"].startswith("ours"):
       mk = r["mask"]
-      fk = mk.replace("csla64", "csla128") if mk.startswith("csla64") else mk
+      fk = alias.get(mk, mk)
       base = "dense" if mk in ("gather20", "dense+colsum") else fk
       if (r["heads"], r["scale"], base) in flex:
         r["flex_ms"] = flex[(r["heads"], r["scale"], base)]

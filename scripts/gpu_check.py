@@ -41,8 +41,8 @@ def main():
   import jax
   env = dict(jax=jax.__version__, devices=[str(d) for d in jax.devices()],
              kind=jax.devices()[0].device_kind,
-             commit=subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                   capture_output=True, text=True).stdout.strip(),
+             commit=os.environ.get("SPARVAR_COMMIT") or _run(["git", "-C", ROOT, "rev-parse",
+                                                              "--short", "HEAD"]),
              nvidia_smi=_run(["nvidia-smi", "-L"]))
   print(json.dumps(env), flush=True)
   results = []

@@ -235,3 +235,25 @@ def test_kernels_trace_under_outer_jit_with_traced_mask():
   f = jax.jit(lambda q, k, v, m: block_sparse_attention(
       q, k, v, m, config=BlockSparseConfig(16, 16), interpret=True))
   assert _rel(f(q, k, v, m), block_sparse_attention_reference(q, k, v, m)) < 1e-5
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["tile_union", "exact"])
+def test_csla_2d_tiles_through_the_gather_kernel(exact):
+  """Queries grouped into 2D patches, keys gathered per patch: exact CSLA with the rule."""
+  rng = np.random.default_rng(10)
+  plan = csla.csla_tile_plan(5, tile=4, multiple_of=16, schedule=SMALL_SCHEDULE, sink_scales=2,
+                             win_size=SMALL_WIN)
+  rule = plan["rule"]
+  q, k, v = _qkv(rng, 2, rule.q_len, rule.kv_len, 2, 16)
+  res = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+  kw = dict(group_size=plan["group_size"], q_perm=jnp.asarray(plan["q_perm"]),
+            rule=rule if exact else None)
+  out = gather_attention(q, k, v, plan["indices"], plan["counts"], res,
+                         config=GatherConfig(16, 16), interpret=True, **kw)
+  ref = gather_attention_reference(q, k, v, plan["indices"], plan["counts"], res, **kw)
+  assert _rel(out, ref) < 1e-5
+  want, _ = naive_masked_attention(q, k, v, csla.csla_token_mask(
+      5, SMALL_SCHEDULE, sink_scales=2, win_size=SMALL_WIN)[None, None], 16 ** -0.5)
+  err = _rel(np.asarray(out) - np.asarray(res), want)
+  assert (err < 1e-5) if exact else (err > 1e-2)
+  assert plan["pairs"] < 0.5 * rule.q_len * rule.kv_len

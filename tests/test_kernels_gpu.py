@@ -149,7 +149,25 @@ def check_colsum(dense_impl="pallas", d=128, dtype=jnp.bfloat16):
                  dict(topk_overlap=overlap))
 
 
+def check_csla_tiles(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16):
+  """Exact CSLA through 2D query tiles + gathered keys, against the literal token mask."""
+  from pallas_kernels import masked_attention_reference
+  rng = _rng()
+  plan = csla.csla_tile_plan(query_scale, tile=8)
+  rule = plan["rule"]
+  q, k, v = _qkv(rng, 2, rule.q_len, rule.kv_len, heads, d, dtype)
+  f = jax.jit(lambda q, k, v: gather_attention(
+      q, k, v, plan["indices"], plan["counts"], group_size=plan["group_size"],
+      q_perm=jnp.asarray(plan["q_perm"]), rule=rule))
+  out = _poisoned(f, q, k, v)
+  keep = jnp.asarray(csla.csla_token_mask(query_scale))[None, None]
+  ref = masked_attention_reference(q, k, v, keep)
+  return _finish(f"csla s{query_scale} 2D tiles exact D{d}", _rel(out, ref), out)
+
+
 CHECKS = [
+    ("csla_tiles_s12", check_csla_tiles),
+    ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
     ("csla_exact_s10", lambda: check_csla(10, exact=True)),
     ("csla_exact_s12_d64", lambda: check_csla(12, heads=2, d=64, exact=True)),
