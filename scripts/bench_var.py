@@ -26,7 +26,7 @@ def main():
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--dtype", default="bfloat16")
-  ap.add_argument("--attn_impl", default="auto")
+  ap.add_argument("--attn_impl", default="cudnn")
   a = ap.parse_args()
 
   import jax  # pylint: disable=g-import-not-at-top
@@ -41,8 +41,8 @@ def main():
   dtype = jnp.dtype(a.dtype)
   rngs = nnx.Rngs(0)
   t0 = time.perf_counter()
-  kw = {} if a.attn_impl == "auto" else {"attn_impl": a.attn_impl}
-  var = VAR(configs.var_config(a.depth), rngs=rngs, dtype=dtype, **kw)
+  var = VAR(configs.var_config(a.depth), rngs=rngs, dtype=dtype, param_dtype=dtype,
+            attn_impl=a.attn_impl)
   vae = VQVAE(configs.VQVAEConfig(), rngs=rngs)
   gen = VARGenerator(var, vae, a.batch, VARSampling(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p),
                      cache_dtype=dtype)
@@ -66,7 +66,7 @@ def main():
   med = statistics.median(times)
   stats = jax.devices()[0].memory_stats() or {}
   print(json.dumps({
-      "impl": "sparvar_jax", "depth": a.depth, "batch": a.batch, "dtype": a.dtype,
+      "impl": "sparvar_jax", "attn_impl": a.attn_impl, "depth": a.depth, "batch": a.batch, "dtype": a.dtype,
       "median_s": med, "min_s": min(times), "max_s": max(times),
       "images_per_s": a.batch / med, "first_call_s_incl_compile": first_s, "build_s": build_s,
       "per_scale_ms": [round(x * 1e3, 2) for x in res.scale_seconds],
