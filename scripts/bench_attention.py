@@ -209,7 +209,7 @@ def jax_part(args):
               q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
           timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
-      if scale == first:
+      if scale == first and not args.no_gather:
         for impl in ("pallas",) if interp else ("pallas", "cudnn"):
           f = jax.jit(lambda q, k, v, impl=impl: dense_colsum_attention(
               q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
@@ -353,7 +353,7 @@ def main():
   p.add_argument("--part", default="all", choices=["all", "jax", "torch"])
   p.add_argument("--quick", action="store_true", help="two tuning candidates only")
   p.add_argument("--no-tune", action="store_true", help="use the known best tiles")
-  p.add_argument("--no-gather", action="store_true", help="skip the CS4A gather rows")
+  p.add_argument("--no-gather", action="store_true", help="skip the CS4A rows (gather, colsum)")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()
   args.heads = [int(h) for h in args.heads.split(",")]
