@@ -126,3 +126,26 @@ def test_sharded_wrapped_and_flat_layouts_convert_alike(sd32, d32, tmp_path):
                                   ref["infinity"]["head"]["kernel"])
     np.testing.assert_array_equal(trees["infinity"]["blocks"]["ffn"]["fc2"]["kernel"],
                                   ref["infinity"]["blocks"]["ffn"]["fc2"]["kernel"])
+
+
+@pytest.mark.parametrize("which", ["2B", "8B"])
+def test_rules_fit_the_released_model_sizes(which):
+  """The key map produces exactly the parameter tree of the model built from the config."""
+  from flax import nnx
+  from sparvar_jax import configs
+  from sparvar_jax.checkpoint import _flat  # pylint: disable=protected-access
+  from sparvar_jax.models.infinity import abstract_infinity
+  cfg = configs.INFINITY_2B if which == "2B" else configs.INFINITY_8B
+  want = {k: tuple(v.shape) for k, v in
+          _flat(nnx.to_pure_dict(nnx.state(abstract_infinity(cfg), nnx.Param))).items()}
+  got = {}
+  for r in conv.infinity_rules(cfg):
+    if r.transform is conv.linear_t:
+      shape = tuple(reversed(r.shape))
+    else:  # the small reshapes: apply them to a stand-in
+      shape = r.transform(np.zeros(r.shape, np.float32)).shape
+    got["/".join(r.path)] = ((len(r.keys),) if r.stacked else ()) + tuple(shape)
+  assert got == want
+  n = sum(int(np.prod(s)) for s in want.values())
+  print(f"Infinity-{which}: {n / 1e9:.3f}B parameters")
+  assert cfg.pool_heads == 16 and cfg.head_dim == 128
