@@ -27,7 +27,7 @@ def _flat_paths(tree, prefix=()):
     if isinstance(v, dict):
       out.update(_flat_paths(v, prefix + (str(k),)))
     else:
-      out["/".join(prefix + (str(k),))] = tuple(np.shape(v))
+      out["/".join(prefix + (str(k),))] = tuple(v.shape)
   return out
 
 
@@ -38,7 +38,8 @@ def _convert(path, patch_nums):
 
 
 def _jax_model(cfg, tree):
-  model = var_vqvae.VQVAE(cfg, rngs=nnx.Rngs(0))
+  # abstract init (shapes only) then load: concrete random init costs ~10 s on CPU
+  model = nnx.eval_shape(lambda: var_vqvae.VQVAE(cfg, rngs=nnx.Rngs(0)))
   want = _flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   assert _flat_paths(tree) == want  # the key map fills exactly the model's tree
   return checkpoint.load_into(model, tree, what="VQVAE")
