@@ -234,10 +234,6 @@ def block_sparse_attention(q, k, v, mask: BlockMask, rule: TokenBoxRule | None =
   return out
 
 
-def dense_block_mask(q_len: int, kv_len: int, block_q: int = 128, block_kv: int = 128) -> BlockMask:
-  return BlockMask.dense(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv)
-
-
 # ----------------------------------------------------------------------------- reference
 
 

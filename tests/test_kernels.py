@@ -257,3 +257,17 @@ def test_csla_2d_tiles_through_the_gather_kernel(exact):
   err = _rel(np.asarray(out) - np.asarray(res), want)
   assert (err < 1e-5) if exact else (err > 1e-2)
   assert plan["pairs"] < 0.5 * rule.q_len * rule.kv_len
+
+
+def test_csla_attention_variants_agree_in_exact_mode():
+  rng = np.random.default_rng(11)
+  kw = dict(schedule=SMALL_SCHEDULE[:5] + (16,), sink_scales=2, win_size=SMALL_WIN)
+  rule = csla.csla_rule(5, **kw)
+  q, k, v = _qkv(rng, 1, rule.q_len, rule.kv_len, 1, 16)
+  # Small shapes: the tiles path needs 64-query tiles (16x16 scale -> four 8x8 patches).
+  a = csla.csla_attention(q, k, v, 5, variant="tiles", interpret=True, **kw)
+  b = csla.csla_attention(q, k, v, 5, variant="blocks", interpret=True, **kw)
+  want, _ = naive_masked_attention(q, k, v, rule.token_mask()[None, None], 16 ** -0.5)
+  assert _rel(a, want) < 1e-5 and _rel(b, want) < 1e-5
+  with pytest.raises(ValueError, match="variant="):
+    csla.csla_attention(q, k, v, 5, variant="flex", **kw)

@@ -1,0 +1,1 @@
+"""SparVAR sparse-attention policy: static CSLA masks and plans (csla.py)."""
