@@ -90,13 +90,15 @@ def test_teacher_forced_matches_reference(pair):
   assert rel(got, want) <= 1e-5
 
 
-def test_kv_cached_steps_equal_teacher_forcing(pair):
-  _, jm = pair
+def test_kv_cached_steps_equal_teacher_forcing():
+  # A randomly initialised model (the CLI's embedded default path), 8B-family sizes.
+  from sparvar_jax.configs import INFINITY_TINY_D56
+  jm = nnx.jit(lambda: Infinity(INFINITY_TINY_D56, rngs=nnx.Rngs(0)))()
   full = schedules.get_schedule(1.25, "1M")
   sch = schedules.custom_schedule(full.scales[:5], rope_hw=full.rope_hw)
-  feats, lens = text(3)
+  feats, lens = text(3, K=512)
   t, k = padded(feats, lens)
-  x = jnp.asarray(0.1 * np.random.default_rng(4).standard_normal((2, sch.total_tokens - 1, 16)),
+  x = jnp.asarray(0.1 * np.random.default_rng(4).standard_normal((2, sch.total_tokens - 1, 56)),
                   jnp.float32)
   want = np.asarray(nnx.jit(lambda m, t, k, x: m.forward(t, k, x, sch))(jm, t, k, x))
 
@@ -115,17 +117,19 @@ def test_kv_cached_steps_equal_teacher_forcing(pair):
     return jnp.concatenate(outs, axis=1)
 
   got = np.asarray(run(jm, t, k, x))
+  assert want.shape == (2, sch.total_tokens, 112) and np.isfinite(want).all()
+  assert np.std(want) > 1e-3
   assert rel(got, want) <= 1e-5
 
 
 @pytest.mark.parametrize("patchify,negative", [(False, False), (True, True)])
 def test_greedy_cfg_generation_matches_reference(patchify, negative):
   tm, jm = make_pair(d_vae=16, depth=2, block_chunks=2, seed=5 + patchify)
-  full = schedules.get_schedule(1.333, "1M")  # first 5 scales of the 4:3 template
-  sch = schedules.custom_schedule(full.scales[:5], rope_hw=full.rope_hw)
+  full = schedules.get_schedule(1.333, "1M")  # first 4 scales of the 4:3 template
+  sch = schedules.custom_schedule(full.scales[:4], rope_hw=full.rope_hw)
   feats, lens = text(6)
-  cfgs = [3.0, 2.5, 1.0, 4.0, 3.5]
-  taus = [1.0, 0.5, 0.7, 1.3, 0.9]
+  cfgs = [3.0, 2.5, 1.0, 4.0]
+  taus = [1.0, 0.5, 0.7, 1.3]
   neg = text(7, lens=(6,)) if negative else None
   gen = InfinityGenerator(jm, vae_for(16, patchify), sch, 2,
                           InfinitySampling(cfg=cfgs, tau=taus, top_k=1, top_p=0.0),
@@ -216,14 +220,3 @@ def test_generator_input_errors(pair):
     gen(feats[:1], [5], decode=False)
   with pytest.raises(ValueError, match=r"\[B, L, 256\]"):
     gen(feats[..., :10], [5, 8], decode=False)
-
-
-def test_random_init_builds_and_runs():
-  from sparvar_jax.configs import INFINITY_TINY_D56
-  m = Infinity(INFINITY_TINY_D56, rngs=nnx.Rngs(0))
-  sch = schedules.custom_schedule([(1, 1), (2, 2)])
-  t = jnp.zeros((1, 4, 512)).at[:, :2].set(1.0)
-  lg = nnx.jit(lambda m, t, k, x: m.forward(t, k, x, sch))(
-      m, t, jnp.arange(4)[None] < 2, jnp.zeros((1, 4, 56)))
-  assert lg.shape == (1, 5, 112) and bool(jnp.isfinite(lg).all())
-
