@@ -75,15 +75,25 @@ def _encode(model, img):
   return model.encode(img)
 
 
+@nnx.jit(static_argnums=2)
+def _teacher_forcing(model, raw, vae_hws):
+  return model.teacher_forcing_input(raw, vae_hws)
+
+
 def _accumulate(model, bits_list, token_hws):
-  """Our sampler path: token bits [B, h*w, K] per scale -> (summed, next inputs)."""
+  """Our sampler path: token bits [B, h*w, K] per scale -> (summed, next inputs); jitted."""
+  return _accumulate_jit(model, [jnp.asarray(b) for b in bits_list], tuple(map(tuple, token_hws)))
+
+
+@nnx.jit(static_argnums=2)
+def _accumulate_jit(model, bits_list, token_hws):
   B = bits_list[0].shape[0]
   H, W = model.vae_hw(token_hws[-1])
   summed = jnp.zeros((B, H, W, model.cfg.codebook_dim), jnp.float32)
   nexts = []
   n = len(token_hws)
   for si, ((h, w), bits) in enumerate(zip(token_hws, bits_list)):
-    codes = model.bits_to_codes(jnp.asarray(bits).reshape(B, h, w, -1))
+    codes = model.bits_to_codes(bits.reshape(B, h, w, -1))
     summed = model.add_scale_codes(summed, codes, si, is_last=(si == n - 1))
     if si < n - 1:
       nexts.append(model.next_scale_input(summed, token_hws[si + 1]))
@@ -116,7 +126,7 @@ def test_reference_parity(name, tmp_path):
     x_t, labels_t = ref.flip_requant(tm, vae_hws, raw_t, patchify)
   raw_j = _encode(jm, _nhwc(img))
   assert _rel(raw_j, _nhwc(raw_t)) <= 1e-5
-  x_j, labels_j = jm.teacher_forcing_input(_nhwc(raw_t), vae_hws)
+  x_j, labels_j = _teacher_forcing(jm, _nhwc(raw_t), tuple(vae_hws))
   assert _rel(x_j, x_t.numpy()) <= 1e-5
   for a, b in zip(labels_j, labels_t):
     np.testing.assert_array_equal(np.asarray(a), b.numpy())
@@ -266,7 +276,7 @@ def test_golden_teacher_forcing(name):
   raw_want = g["tf_raw_features_BdHW"].transpose(0, 2, 3, 1)
   raw = _encode(jm, img)
   assert _rel(raw, raw_want) <= 1e-5
-  x, labels = jm.teacher_forcing_input(jnp.asarray(raw_want), vae_hws)
+  x, labels = _teacher_forcing(jm, jnp.asarray(raw_want), tuple(vae_hws))
   assert _rel(x, g["tf_x_BLC_wo_prefix"]) <= 1e-5
   got_bits = np.concatenate([np.asarray(lab) for lab in labels], axis=1)
   np.testing.assert_array_equal(got_bits, g["tf_gt_bits_BLd"])
