@@ -76,6 +76,11 @@ def _encode(model, img):
 
 
 @nnx.jit(static_argnums=2)
+def _multiscale(model, raw, vae_hws):
+  return model.quantize_multiscale(raw, vae_hws)
+
+
+@nnx.jit(static_argnums=2)
 def _teacher_forcing(model, raw, vae_hws):
   return model.teacher_forcing_input(raw, vae_hws)
 
@@ -130,6 +135,13 @@ def test_reference_parity(name, tmp_path):
   assert _rel(x_j, x_t.numpy()) <= 1e-5
   for a, b in zip(labels_j, labels_t):
     np.testing.assert_array_equal(np.asarray(a), b.numpy())
+  bits_j, summed_q = _multiscale(jm, _nhwc(raw_t), tuple(vae_hws))  # MultiScaleBSQ.forward
+  with torch.no_grad():
+    summed_q_t = ref.multiscale_bsq_quantized(tm, vae_hws, raw_t)
+  assert _rel(summed_q, _nhwc(summed_q_t)) <= 1e-6
+  for a, b in zip(bits_j, labels_t):
+    tok = jm.vae_grid_to_tokens(a)
+    np.testing.assert_array_equal(np.asarray(tok).reshape(b.shape), b.numpy())
 
   # sampler path from random bits, then decode
   bits = [torch.randint(0, 2, (2, h * w, cfg.bits_per_token), generator=g) for h, w in token_hws]
@@ -241,7 +253,8 @@ def test_golden_decode(name):
 
   Parity: our torch reference (contiguous float32) on the same weights and codes, <= 1e-4.
   The stored image is compared only as a gross check. Cause (measured on d32): in the
-  official loop `summed_codes` is a non-contiguous view, so torch's CPU convs take their
+  official loop `summed_codes` is in channels-last memory layout (indices_to_codes returns
+  a permuted view and interpolate keeps its layout), so torch's CPU convs take their
   channels-last path, whose float32 error this randomly initialised 1024px decoder
   amplifies: against a float64 decode, contiguous float32 torch is off by 1.7e-5 and ours
   by 3.0e-5, but channels-last float32 torch by 1.6e-2, and the stored image by 5.6e-2;

@@ -233,6 +233,21 @@ def flip_requant(vae, vae_hws, raw_BdHW, patchify):
   return torch.cat(xs, 1), labels
 
 
+def multiscale_bsq_quantized(vae, vae_hws, raw_BdHW):
+  """MultiScaleBSQ.forward's summed output (no projections, no flips/drops): [B, d, H, W]."""
+  x = raw_BdHW.unsqueeze(2)
+  full = tuple(x.shape[2:])
+  residual, out = x, 0
+  for h, w in vae_hws:
+    r = F.interpolate(residual, size=(1, h, w), mode="area") if (1, h, w) != full else residual
+    q, _ = vae.quantizer.lfq(r)
+    if (1, h, w) != full:
+      q = F.interpolate(q, size=full, mode="trilinear")
+    residual = residual - q
+    out = out + q
+  return out.squeeze(2)
+
+
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
   """Convs N(0,1)/sqrt(fan_in), conv biases N(0, 0.02), norm weights 1 + N(0, 0.1)."""
