@@ -141,6 +141,7 @@ class InfinityGenerator:
     self._begin = jax.jit(self._begin_fn)
     self._steps: dict[tuple[int, bool, bool], Callable] = {}
     self._decode = jax.jit(self._decode_fn)
+    self._uncond = None  # host copy of cfg_uncond, made on first use
 
   # -- traced pieces ------------------------------------------------------------------
 
@@ -235,8 +236,12 @@ class InfinityGenerator:
         un, un_mask = np.repeat(un, B, 0), np.repeat(un_mask, B, 0)
       if un.shape[0] != B:
         raise ValueError(f"give 1 or {B} negative prompts, got {un.shape[0]}")
-    else:
-      un = np.asarray(self.model.uncond_text(lens.tolist(), self.text_len))
+    else:  # the learned cfg_uncond truncated to each prompt's own length
+      if self._uncond is None:
+        self._uncond = np.asarray(self.model.cfg_uncond[...], np.float32)
+      un = np.zeros_like(text)
+      for i, n in enumerate(lens):
+        un[i, :n] = self._uncond[:n]
       un_mask = mask.copy()
     n = self.schedule.num_scales
     if max_scales is not None:

@@ -20,7 +20,6 @@ Entry points: `forward` (teacher forcing over a whole schedule, block-causal mas
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -131,12 +130,6 @@ class Infinity(nnx.Module):
     k, v = self.text_proj_for_sos.kv(normed)
     cond_BD = self.text_proj_for_sos(None, k, v, text_mask_BT)[:, 0].astype(jnp.float32)
     return cond_BD, self.text_proj_for_ca(normed)
-
-  def uncond_text(self, lens_B: Sequence[int], T: int) -> np.ndarray:
-    """The learned unconditional text, cfg_uncond[:len_i] zero-padded to T: [B, T, K]."""
-    u = self.cfg_uncond[...]
-    rows = [jnp.pad(u[:n], ((0, T - n), (0, 0))) for n in lens_B]
-    return jnp.stack(rows)
 
   def block_text_kv(self, ca_kv_BTC: jax.Array):
     """Per-layer cross-attention k, v [N, B, T, H, c], computed once per prompt batch."""
