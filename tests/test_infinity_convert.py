@@ -37,6 +37,7 @@ def _save(tmp_path, obj, name="model.pth"):
 
 def test_cli_round_trip_and_load(d32, tmp_path):
   out = str(tmp_path / "ckpt")
+  seen = []
   conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
   assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # atomic: no leftovers
   model, vae, cfgs = load_infinity(out)
@@ -46,11 +47,22 @@ def test_cli_round_trip_and_load(d32, tmp_path):
                                 sd["block_chunks.1.module.0.sa.mat_qkv.weight"].numpy().T)
   np.testing.assert_array_equal(np.asarray(model.text_proj_for_sos.mat_q[...]),
                                 sd["text_proj_for_sos.ca.mat_q"].numpy()[0])
+  # End to end on the converted directory: a short schedule, sampled, decoded.
+  from sparvar_jax import schedules
+  from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling
+  sch = schedules.custom_schedule([(1, 1), (2, 2)], rope_hw=(64, 64))
+  gen = InfinityGenerator(model, vae, sch, 1, InfinitySampling(cfg=3.0, tau=0.5), text_len=8)
+  feats = np.random.default_rng(0).standard_normal((1, 5, 256)).astype(np.float32)
+  res = gen(feats, [5], seed=1, progress=lambda si, n, sec: seen.append((si, n)))
+  assert res.image_BHW3.shape == (1, 32, 32, 3) and np.isfinite(res.image_BHW3).all()
+  assert res.image_BHW3.min() >= 0 and res.image_BHW3.max() <= 1 and res.image_BHW3.std() > 0
+  assert [b.shape for b in res.bits_per_scale] == [(1, 1, 32), (1, 4, 32)]
   meta = json.load(open(os.path.join(out, "config.json")))["meta"]
   assert meta["strict_keys"] and meta["cfg_uncond_rows_in_checkpoint"] == 512
   with pytest.raises(SystemExit):  # exists, no --overwrite: one-paragraph error, exit 2
     conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
   conv.main(["--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite"])
+  assert seen == [(0, 2), (1, 2)]
 
 
 def test_pairing_check_names_the_right_vae(d32):
