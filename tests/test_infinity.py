@@ -220,3 +220,33 @@ def test_generator_input_errors(pair):
     gen(feats[:1], [5], decode=False)
   with pytest.raises(ValueError, match=r"\[B, L, 256\]"):
     gen(feats[..., :10], [5, 8], decode=False)
+
+
+@pytest.mark.parametrize("which", ["2B", "8B"])
+def test_real_sizes_trace(which):
+  """The released sizes trace through the generator at 1024x1024 (shapes only, no compute)."""
+  from sparvar_jax import configs
+  from sparvar_jax.vae.bsq import BSQVAE
+  cfg, vcfg = ((configs.INFINITY_2B, configs.BSQ_D32REG) if which == "2B"
+               else (configs.INFINITY_8B, configs.BSQ_D56_PATCHIFY))
+  m = abstract_infinity(cfg, jnp.bfloat16, param_dtype=jnp.bfloat16)
+  vae = nnx.eval_shape(lambda: BSQVAE(vcfg, rngs=nnx.Rngs(0)))
+  sch = schedules.get_schedule(1.0, "1M")
+  gen = InfinityGenerator(m, vae, sch, 1, InfinitySampling(), text_len=64,
+                          cache_dtype=jnp.bfloat16)
+  S = jax.ShapeDtypeStruct
+  t = S((1, 64, 2048), jnp.float32)
+  k = S((1, 64), jnp.bool_)
+  x, cond, gss, ca_k, ca_v, mask, cache, summed = jax.eval_shape(gen._begin, gen._mstate, t, k, t, k)
+  assert cache.k.shape == (cfg.depth, 2, 10521, cfg.num_heads, 128)
+  assert ca_k.shape == (cfg.depth, 2, 64, cfg.num_heads, 128)
+  assert summed.shape == (1, 64 * vae.patch, 64 * vae.patch, vcfg.codebook_dim)
+  last = sch.num_scales - 1
+  bits, _, x_next, cache2, summed2 = jax.eval_shape(
+      gen._step(last, False, False), gen._mstate, S((2, 4096, cfg.embed_dim), jnp.float32), cond,
+      gss, ca_k, ca_v, mask, cache, summed, jax.random.key(0), 3.0, 1.0, None)
+  assert bits.shape == (1, 4096, cfg.d_vae) and x_next is None
+  assert cache2.k.shape == cache.k.shape and summed2.shape == summed.shape
+  _, _, x1, _, _ = jax.eval_shape(gen._step(0, False, False), gen._mstate, x, cond, gss, ca_k,
+                                  ca_v, mask, cache, summed, jax.random.key(0), 3.0, 1.0, None)
+  assert x1.shape == (2, 4, cfg.embed_dim)
