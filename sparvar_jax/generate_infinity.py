@@ -168,7 +168,7 @@ class InfinityGenerator:
              forced_bits):
       model = nnx.merge(self._mdef, mstate)
       logits, cache = model.scale_step(si, sch, x_BlC, cond_BD, gss, ca_k, ca_v, mask_BT, cache)
-      logits = logits.astype(jnp.float32) / tau
+      logits = logits.astype(jnp.float32) * (1.0 / tau)  # official: .mul(1 / tau)
       if self.use_cfg:
         logits = cfg * logits[:B] + (1.0 - cfg) * logits[B:]
       lg = logits.reshape(B, hw[0] * hw[1], -1, 2)
