@@ -29,7 +29,7 @@ The transformer and the VAE must belong together (32 bits: infinity_vae_d32reg w
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import re
 import sys
@@ -56,6 +56,64 @@ def _unwrap_model(sd: dict) -> dict:
     if prefix + "word_embed.weight" in sd:
       return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
   return sd
+
+
+def _shard_files(path: str) -> list[str]:
+  """Shards of a weight directory: those named by an index JSON, else every
+  *.safetensors (or, failing that, every .bin/.pth/.pt) file."""
+  names = sorted(os.listdir(path))
+  for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    ipath = os.path.join(path, index)
+    if os.path.isfile(ipath):
+      try:
+        with open(ipath) as fh:
+          shards = sorted(set(json.load(fh)["weight_map"].values()))
+      except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConversionError(f"shard index {ipath!r} is unreadable ({e!r}); download it "
+                              "again.") from e
+      missing = [n for n in shards if not os.path.isfile(os.path.join(path, n))]
+      if missing:
+        raise ConversionError(f"{path!r} lacks shards named in {index}: {missing[:10]}. "
+                              "Download the whole weights directory.")
+      return [os.path.join(path, n) for n in shards]
+  shards = [n for n in names if n.endswith(".safetensors")] or [
+      n for n in names if n.endswith((".bin", ".pth", ".pt"))]
+  if not shards:
+    raise ConversionError(f"directory {path!r} holds no .safetensors/.bin/.pth shards; found "
+                          f"{names[:20]}")
+  return [os.path.join(path, n) for n in shards]
+
+
+def _read_shard(path: str) -> dict[str, np.ndarray]:
+  """One shard as float32/int numpy arrays (bf16/fp16 widened, as for .pth files)."""
+  if not path.endswith(".safetensors"):
+    return common.load_state_dict(path)
+  try:
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    out = {}
+    with safe_open(path, framework="pt") as fh:
+      for k in fh.keys():
+        t = fh.get_tensor(k)
+        out[k] = (t.float() if t.is_floating_point() else t).numpy()
+    return out
+  except Exception as e:  # safetensors raises several types for corrupt files
+    raise ConversionError(f"could not read safetensors file {path!r}: {e}. The file is "
+                          "corrupt or truncated; download it again.") from e
+
+
+def load_model_state_dict(path: str) -> dict[str, np.ndarray]:
+  """A single checkpoint file or a directory of shards -> flat numpy state dict."""
+  if not os.path.isdir(path):
+    return _unwrap_model(common.load_state_dict(path, wrappers=MODEL_WRAPPERS))
+  sd: dict[str, np.ndarray] = {}
+  for f in _shard_files(path):
+    part = _read_shard(f)
+    dup = sorted(set(part) & set(sd))
+    if dup:
+      raise ConversionError(f"shard {f!r} repeats tensors of earlier shards (e.g. {dup[:3]}); "
+                            "the directory mixes two checkpoints.")
+    sd.update(part)
+  return _unwrap_model(sd)
 
 
 # --------------------------------------------------------------------------------------
@@ -269,7 +327,7 @@ def convert_trees(model_path: str, vae_path: str, *, progress: bool = False):
     raise ConversionError(f"--vae {vae_path!r} is a directory; pass the VAE .pth file.")
   if progress:
     print(f"reading {model_path}", file=sys.stderr)
-  sd = _unwrap_model(common.load_state_dict(model_path, wrappers=MODEL_WRAPPERS))
+  sd = load_model_state_dict(model_path)
   cfg = infer_infinity_config(sd)
   bsq = _bsq()
   if progress:

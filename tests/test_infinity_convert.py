@@ -121,16 +121,27 @@ def test_sharded_wrapped_and_flat_layouts_convert_alike(sd32, d32, tmp_path):
   shards.mkdir()
   keys = sorted(sd32)
   half = len(keys) // 2
-  for i, part in enumerate((keys[:half], keys[half:])):
-    save_file({k: sd32[k].contiguous() for k in part},
+  for i, part in enumerate((keys[:half], keys[half:])):  # bf16 shards, as large releases
+    save_file({k: sd32[k].to(torch.bfloat16).contiguous() for k in part},
               str(shards / f"model-{i + 1:05d}-of-00002.safetensors"))
-  json.dump({"weight_map": {k: "x" for k in keys}},
-            open(shards / "model.safetensors.index.json", "w"))
+  (shards / "stray.safetensors").write_bytes(b"not named by the index")
   wrapped = _save(tmp_path, {"trainer": {"gpt_fsdp": dict(sd32)}}, "ft.pth")
   # block_chunks=1 layout: blocks.{i}.*
   flat = {(k.replace("block_chunks.", "blocks.").replace(".module.0.", ".")
            if k.startswith("block_chunks.") else k): v for k, v in sd32.items()}
-  for path, chunks in ((str(shards), 2), (wrapped, 2), (_save(tmp_path, flat, "flat.pth"), 1)):
+  json.dump({"weight_map": {k: f"model-{1 + (i >= half):05d}-of-00002.safetensors"
+                            for i, k in enumerate(keys)}},
+            open(shards / "model.safetensors.index.json", "w"))
+  trees, _, _ = conv.convert_trees(str(shards), d32[1])
+  bad = tmp_path / "incomplete"
+  bad.mkdir()
+  json.dump({"weight_map": {"a": "model-00001-of-00002.safetensors"}},
+            open(bad / "model.safetensors.index.json", "w"))
+  with pytest.raises(ConversionError, match="lacks shards"):
+    conv.convert_trees(str(bad), d32[1])
+  bf = sd32["head.weight"].to(torch.bfloat16).float().numpy().T
+  np.testing.assert_array_equal(trees["infinity"]["head"]["kernel"], bf)
+  for path, chunks in ((wrapped, 2), (_save(tmp_path, flat, "flat.pth"), 1)):
     trees, cfgs, _ = conv.convert_trees(path, d32[1])
     assert cfgs["infinity"]["block_chunks"] == chunks
     np.testing.assert_array_equal(trees["infinity"]["cfg_uncond"], ref["infinity"]["cfg_uncond"])
