@@ -315,8 +315,13 @@ def _bsq():
   return bsq_rules
 
 
-def convert_trees(model_path: str, vae_path: str, *, progress: bool = False):
-  """Loads, validates and maps both checkpoints; returns (trees, configs, meta)."""
+def convert_trees(model_path: str, vae_path: str, *, progress: bool = False,
+                  dtype: str = "float32"):
+  """Loads, validates and maps both checkpoints; returns (trees, configs, meta).
+  dtype: storage dtype of the transformer weights ('float32' or 'bfloat16'); the VAE
+  stays float32."""
+  if dtype not in ("float32", "bfloat16"):
+    raise ConversionError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
   if not os.path.exists(model_path):
     raise ConversionError(f"--model {model_path!r} does not exist. Pass infinity_2b_reg.pth or "
                           "the infinity_8b_weights/ directory.")
@@ -336,22 +341,27 @@ def convert_trees(model_path: str, vae_path: str, *, progress: bool = False):
   vcfg = bsq.infer_bsq_config(vsd)
   pairing_check(cfg, vcfg.bits_per_token, vae_path)
   sd, notes = prepare_state_dict(sd, cfg)
+  np_dtype = np.float32
+  if dtype == "bfloat16":
+    import ml_dtypes  # pylint: disable=g-import-not-at-top
+    np_dtype = ml_dtypes.bfloat16
   tree = common.apply_rules(sd, infinity_rules(cfg), ignore=[ZERO_BUFFER],
-                            what=f"Infinity transformer {model_path!r}", progress=progress)
+                            what=f"Infinity transformer {model_path!r}", progress=progress,
+                            dtype=np_dtype)
   del sd
   vtree = bsq.convert_bsq_state_dict(vsd, vcfg, what=f"BSQ VAE {vae_path!r}", progress=progress)
   configs = {"infinity": configs_lib.config_to_dict(cfg), "vae": configs_lib.config_to_dict(vcfg)}
   meta = {"model_source": os.path.abspath(model_path), "vae_source": os.path.abspath(vae_path),
-          "strict_keys": True, **notes}
+          "strict_keys": True, "dtype": dtype, **notes}
   return {"infinity": tree, "vae": vtree}, configs, meta
 
 
 def convert(model_path: str, vae_path: str, out: str, *, overwrite: bool = False,
-            progress: bool = True) -> None:
+            progress: bool = True, dtype: str = "float32") -> None:
   if os.path.exists(out) and not overwrite:
     raise ConversionError(f"output {out!r} already exists; choose another --out or pass "
                           "--overwrite.")
-  trees, configs, meta = convert_trees(model_path, vae_path, progress=progress)
+  trees, configs, meta = convert_trees(model_path, vae_path, progress=progress, dtype=dtype)
   common.write_converted(out, trees, configs, meta, overwrite=overwrite)
   if progress:
     print(f"wrote {out}", file=sys.stderr)
@@ -363,8 +373,12 @@ def main(argv=None) -> None:
   p.add_argument("--vae", required=True, help="the BSQ VAE .pth paired with the model")
   p.add_argument("--out", required=True, help="output directory")
   p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                 help="storage dtype of the transformer weights (bfloat16 halves the 8B "
+                 "output; the official inference runs the blocks in bf16)")
   a = p.parse_args(argv)
-  common.main_wrapper(lambda: convert(a.model, a.vae, a.out, overwrite=a.overwrite))
+  common.main_wrapper(lambda: convert(a.model, a.vae, a.out, overwrite=a.overwrite,
+                                      dtype=a.dtype))
 
 
 if __name__ == "__main__":

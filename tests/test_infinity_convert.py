@@ -61,7 +61,11 @@ def test_cli_round_trip_and_load(d32, tmp_path):
   assert meta["strict_keys"] and meta["cfg_uncond_rows_in_checkpoint"] == 512
   with pytest.raises(SystemExit):  # exists, no --overwrite: one-paragraph error, exit 2
     conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
-  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite"])
+  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite", "--dtype",
+             "bfloat16"])
+  m16, _, _ = load_infinity(out, with_vae=False)  # stored bf16, loaded into fp32 params
+  np.testing.assert_array_equal(np.asarray(m16.head.kernel[...]),
+                                sd["head.weight"].to(torch.bfloat16).float().numpy().T)
   assert seen == [(0, 2), (1, 2)]
 
 
