@@ -92,6 +92,15 @@ def sample_bits(key: jax.Array, logits_Bld2: jax.Array, top_k: int, top_p: float
   return draw
 
 
+def bucket_text_len(lens: Sequence[int], multiple: int = 64, maxlen: int = 512) -> int:
+  """A padded text length for the generator: max(lens) rounded up to `multiple` (few
+  distinct compiled shapes; padded keys are masked, so the result does not change)."""
+  n = max(int(x) for x in lens)
+  if not 1 <= n <= maxlen:
+    raise ValueError(f"prompt lengths must be in [1, {maxlen}], got max {n}")
+  return min(-(-n // multiple) * multiple, maxlen)
+
+
 # --------------------------------------------------------------------------------------
 # Generator
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from convert.infinity import ZERO_BUFFER, infer_infinity_config, infinity_rules,
 from sparvar_jax import schedules
 from sparvar_jax.checkpoint import load_into
 from sparvar_jax.configs import BSQVAEConfig
-from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling, sample_bits
+from sparvar_jax.generate_infinity import (InfinityGenerator, InfinitySampling, bucket_text_len,
+                                           sample_bits)
 from sparvar_jax.models.infinity import Infinity, abstract_infinity
 from tests.reference.infinity_torch import InfinityRef, init_random_
 
@@ -198,6 +199,13 @@ def test_sample_bits_semantics():
     b = np.asarray(sample_bits(jax.random.key(s), l, 900, 0.97))
     np.testing.assert_array_equal(b[minority <= 0.03], major[minority <= 0.03])
   assert ((minority > 0.03) & (b != major)).any()
+
+
+def test_bucket_text_len():
+  assert bucket_text_len([7, 12]) == 64 and bucket_text_len([65]) == 128
+  assert bucket_text_len([500]) == 512 and bucket_text_len([3], multiple=8) == 8
+  with pytest.raises(ValueError):
+    bucket_text_len([600])
 
 
 def test_generator_input_errors(pair):
