@@ -69,7 +69,8 @@ class CrossAttnBlock(nnx.Module):
                attn_impl: str, bf16_cross_attn: bool):
     C = cfg.embed_dim
     self.eps, self.dtype = cfg.norm_eps, dtype
-    self.ada_gss = nnx.Param(jnp.zeros((6, C), jnp.float32))
+    # Official init randn / sqrt(C) (random-weight runs only; checkpoints overwrite it).
+    self.ada_gss = nnx.Param(jax.random.normal(rngs.params(), (6, C), jnp.float32) / C ** 0.5)
     self.sa = SelfAttention(C, cfg.num_heads, rngs=rngs, cos_attn=True, dtype=dtype,
                             param_dtype=param_dtype, attn_impl=attn_impl)
     self.ca = CrossAttention(C, C, cfg.num_heads, rngs=rngs, bf16_round=bf16_cross_attn,
@@ -106,13 +107,19 @@ class Infinity(nnx.Module):
     self.cfg, self.dtype = cfg, dtype
     C, K = cfg.embed_dim, cfg.text_channels
     f32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)
-    self.cfg_uncond = nnx.Param(jnp.zeros((cfg.text_maxlen, K), jnp.float32))
+    # Random init follows the official constructor's distributions (checkpoints overwrite
+    # it): cfg_uncond trunc-normal std 1.2 (cut at +-2) / sqrt(K); pos_start and lvl_embed
+    # trunc-normal std sqrt(1 / (3C)).
+    init_std = (1 / C / 3) ** 0.5
+    tn = nnx.initializers.truncated_normal
+    self.cfg_uncond = nnx.Param(tn(1.2, lower=-2 / 1.2, upper=2 / 1.2)(
+        rngs.params(), (cfg.text_maxlen, K), jnp.float32) / K ** 0.5)
     self.text_norm = RMSNorm(K, cfg.norm_eps)
     self.text_proj_for_sos = CrossAttention(C, K, cfg.pool_heads, rngs=rngs, for_attn_pool=True,
                                             bf16_round=bf16_cross_attn, **f32)
     self.text_proj_for_ca = TextProj(K, C, rngs=rngs)
-    self.pos_start = nnx.Param(jnp.zeros((C,), jnp.float32))
-    self.lvl_embed = nnx.Embed(cfg.num_lvl, C, embedding_init=_INIT, rngs=rngs, **f32)
+    self.pos_start = nnx.Param(tn(init_std)(rngs.params(), (C,), jnp.float32))
+    self.lvl_embed = nnx.Embed(cfg.num_lvl, C, embedding_init=tn(init_std), rngs=rngs, **f32)
     self.word_embed = nnx.Linear(cfg.d_vae, C, kernel_init=_INIT, rngs=rngs, **f32)
     self.shared_ada_lin = AdaLin(C, C, 6, rngs=rngs)
     self.blocks = stack_modules(
