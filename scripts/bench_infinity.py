@@ -72,6 +72,10 @@ def main():
   res = gen(text, lens, seed=7, decode=True, sync_each_scale=True)
   assert np.isfinite(res.image_BHW3).all()
   stats = jax.devices()[0].memory_stats() or {}
+  # The allocator peak includes XLA's autotuning scratch; report weights + KV cache too.
+  weights = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)) + jax.tree.leaves(nnx.state(vae)))
+  cache = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(
+      jax.eval_shape(lambda: model.init_cache(2, sch, bf16))))
   print(json.dumps({
       "impl": "sparvar_jax", "model": a.model, "attn_impl": a.attn_impl,
       "median_ms_no_decode": statistics.median(no_dec) * 1e3,
@@ -80,7 +84,8 @@ def main():
       "per_scale_ms": [round(x * 1e3, 2) for x in res.scale_seconds],
       "decode_ms": round(res.decode_seconds * 1e3, 2),
       "first_call_s_incl_compile": first_s, "build_s": build_s,
-      "peak_gib": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
+      "weights_gib": weights / 2**30, "kv_cache_gib": cache / 2**30,
+      "peak_gib_incl_autotune": stats.get("peak_bytes_in_use", float("nan")) / 2**30,
       "image_shape": list(res.image_BHW3.shape),
       "jax": jax.__version__, "device": str(jax.devices()[0])}))
 

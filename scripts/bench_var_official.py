@@ -36,6 +36,15 @@ def main():
   vae, var = build_vae_var(device=dev, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), V=4096,
                            Cvae=32, ch=160, share_quant_resi=4, num_classes=1000,
                            depth=a.depth, shared_aln=False, attn_l2_norm=True)
+  # build_vae_var turns off torch's built-in init for speed and VAR.init_weights only
+  # covers the transformer, so the VQVAE would keep uninitialised memory (NaN images,
+  # NaN sampling probabilities): give it small random weights.
+  with torch.no_grad():
+    for p in vae.parameters():
+      p.normal_(0.0, 0.02)
+    for name, p in var.named_parameters():
+      if not torch.isfinite(p).all():
+        raise RuntimeError(f"official VAR parameter {name} is not finite after init_weights")
   vae.eval()
   var.eval()
   for p in list(var.parameters()) + list(vae.parameters()):

@@ -68,6 +68,10 @@ def attention_cudnn(q_BLHc, k_BSHc, v_BSHc, *, mask=None, scale=1.0):
   if mask is not None:
     mask = jnp.asarray(mask, bool)
     mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    # cuDNN takes the mask as a bias whose query and key axes must be full length
+    # (a [B, 1, 1, S] padding mask is refused); batch and head axes may broadcast.
+    L, S = q_BLHc.shape[1], k_BSHc.shape[1]
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (L, S))
   return jax.nn.dot_product_attention(q_BLHc, k_BSHc.astype(q_BLHc.dtype),
                                       v_BSHc.astype(q_BLHc.dtype), mask=mask, scale=scale,
                                       implementation="cudnn")
