@@ -235,11 +235,14 @@ CONFIG_FILE = "config.json"
 
 
 def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dict[str, dict],
-                    meta: dict[str, Any] | None = None, overwrite: bool = False) -> None:
+                    meta: dict[str, Any] | None = None, overwrite: bool = False,
+                    extra_files: dict[str, str] | None = None) -> None:
   """Writes `out_dir/{name}/` orbax trees plus `out_dir/config.json`, atomically.
 
-  Everything goes to a temporary sibling directory first and is renamed into place
-  only when complete, so a failed run leaves nothing that looks like a checkpoint.
+  `extra_files` ({name in out_dir: source path}) are copied in as well (e.g. a
+  tokenizer). Everything goes to a temporary sibling directory first and is renamed
+  into place only when complete, so a failed run leaves nothing that looks like a
+  checkpoint.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
@@ -263,6 +266,8 @@ def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dic
     ckptr.wait_until_finished()
     with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
       json.dump({"configs": configs, "meta": meta or {}}, f, indent=1)
+    for name, src in (extra_files or {}).items():
+      shutil.copyfile(src, os.path.join(tmp, name))
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
@@ -215,28 +213,11 @@ def convert(hf_dir: str, out: str, *, overwrite: bool = False, dtype: str = "flo
   meta = {"source": os.path.abspath(hf_dir), "dtype": dtype,
           "hf_name_or_path": hf_cfg.get("_name_or_path", "")}
 
-  # write_converted is atomic for the trees; the tokenizer files must land in the same
-  # rename, so everything is staged in a sibling temp dir and moved in one step.
-  out = os.path.abspath(out)
-  parent = os.path.dirname(out)
-  try:
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-  except OSError as e:
-    raise ConversionError(f"cannot write under {parent!r}: {e.strerror}. Choose a writable "
-                          "--out.") from e
-  try:
-    stage = os.path.join(tmp, "t5")
-    common.write_converted(stage, {"t5": tree}, configs, meta)
-    for name in TOKENIZER_FILES:
-      src = os.path.join(hf_dir, name)
-      if os.path.isfile(src):
-        shutil.copyfile(src, os.path.join(stage, name))
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(stage, out)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  # The tokenizer files land in the same atomic rename as the trees.
+  extra = {name: os.path.join(hf_dir, name) for name in TOKENIZER_FILES
+           if os.path.isfile(os.path.join(hf_dir, name))}
+  common.write_converted(out, {"t5": tree}, configs, meta, overwrite=overwrite,
+                         extra_files=extra)
   print(f"wrote {out}", file=sys.stderr)
 
 
