@@ -114,6 +114,10 @@ VAR_DEPTHS = (16, 20, 24, 30, 36)
 # Tiny configs for tests and the embedded CLI default (random weights).
 VAR_TINY = VARConfig(depth=2, embed_dim=128, num_heads=2, vocab_size=512)
 VQVAE_TINY = VQVAEConfig(vocab_size=512, ch=32)
+# The CLI's embedded default: tiny widths, the real 4096-token vocabulary (so the
+# official sampling defaults, e.g. top-k 900, apply unchanged).
+VAR_DEMO = VARConfig(depth=2, embed_dim=128, num_heads=2)
+VQVAE_DEMO = VQVAEConfig(ch=32)
 
 
 # --------------------------------------------------------------------------------------
