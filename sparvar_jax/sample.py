@@ -11,6 +11,17 @@ the whole path works. For real images, convert the official checkpoints first:
 Writes `grid.png`, one PNG per image and `report.json` (settings, per-scale timings)
 under --out; `--save_npz` adds `samples.npz` (token indices per scale, float image) for
 exact comparisons.
+
+Infinity (text-to-image): a checkpoint converted with `python -m convert.infinity`
+switches to Infinity mode, which needs a converted T5 (`python -m convert.t5`) and prompts:
+
+  python -m sparvar_jax.sample --checkpoint ckpt/infinity_2b --t5 ckpt/flan-t5-xl \
+      --prompt "a red fox in the snow" --aspect 1:1 --pn 1M --cfg 3 --tau 1 --seed 0
+
+Writes one PNG per prompt (index + slug), `grid.png` and `report.json`; `--save_npz`
+adds `samples.npz` (bits per scale, float image). Prompts over 512 T5 tokens are
+truncated as the original pipeline does, with a warning on stderr and in the report.
+An aspect ratio that is not one of Infinity's templates uses the nearest one (reported).
 """
 
 from __future__ import annotations
@@ -23,23 +34,49 @@ from absl import app
 from absl import flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
-                                  "(python -m convert.var). Default: a random tiny model.")
+                                  "(python -m convert.var, or python -m convert.infinity for "
+                                  "text-to-image). Default: a random tiny VAR model.")
 _OUT = flags.DEFINE_string("out", "samples", "Output folder.")
-_LABELS = flags.DEFINE_string("labels", None, "Comma-separated ImageNet class ids in "
-                              "[0, 1000); one id is repeated over the batch. Default: "
+_LABELS = flags.DEFINE_string("labels", None, "VAR only. Comma-separated ImageNet class ids "
+                              "in [0, 1000); one id is repeated over the batch. Default: "
                               "drawn uniformly from --seed.")
-_BATCH = flags.DEFINE_integer("batch", None, "Images to generate (default: the number of "
-                              "labels, or 4).")
-_CFG = flags.DEFINE_float("cfg", 1.5, "Classifier-free guidance ratio (>= 0).")
+_BATCH = flags.DEFINE_integer("batch", None, "VAR: images to generate (default: the number "
+                              "of labels, or 4). Infinity: prompts per generator call "
+                              "(default 1).")
+_CFG = flags.DEFINE_string("cfg", None, "Classifier-free guidance ratio (>= 0). VAR: one "
+                           "number, default 1.5. Infinity: one number or a comma list with "
+                           "one per scale, default 3.")
 _TOP_K = flags.DEFINE_integer("top_k", 900, "Top-k sampling (0 = off, 1 = greedy).")
-_TOP_P = flags.DEFINE_float("top_p", 0.96, "Top-p sampling in [0, 1) (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Top-p sampling in [0, 1) (0 = off). Default: "
+                            "0.96 (VAR), 0.97 (Infinity).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_MORE_SMOOTH = flags.DEFINE_bool("more_smooth", False, "Gumbel-softmax smoothing (official "
-                                 "visualisation option; not for FID).")
+_MORE_SMOOTH = flags.DEFINE_bool("more_smooth", False, "VAR only. Gumbel-softmax smoothing "
+                                 "(official visualisation option; not for FID).")
 _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write samples.npz.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype of the transformer blocks (auto: bfloat16 on GPU, "
                            "float32 on CPU).")
+# Infinity only.
+_T5 = flags.DEFINE_string("t5", None, "Infinity only. Converted T5 directory "
+                          "(python -m convert.t5): config.json, t5/, spiece.model.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Infinity only. A prompt; repeat the "
+                                    "flag for several.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Infinity only. UTF-8 text file, "
+                                    "one prompt per line (blank lines skipped).")
+_NEGATIVE = flags.DEFINE_string("negative_prompt", None, "Infinity only. Negative prompt "
+                                "for classifier-free guidance (default: the model's learned "
+                                "unconditional text).")
+_ASPECT = flags.DEFINE_string("aspect", None, "Infinity only. Aspect ratio W:H (or WxH, or "
+                              "a height/width number); default 1:1. Not a template: the "
+                              "nearest template is used.")
+_PN = flags.DEFINE_string("pn", None, "Infinity only. Pixel budget: 0.06M, 0.25M, 0.60M or "
+                          "1M (default 1M; 1M at 1:1 is 1024x1024).")
+_TAU = flags.DEFINE_string("tau", None, "Infinity only. Sampling temperature (> 0): one "
+                           "number or a comma list with one per scale; default 1.")
+
+_VAR_ONLY = ("labels", "more_smooth")
+_INFINITY_ONLY = ("t5", "prompt", "prompts_file", "negative_prompt", "aspect", "pn", "tau")
+_VAR_CFG, _VAR_TOP_P = 1.5, 0.96  # VAR defaults; Infinity's are InfinitySampling's
 
 
 class UsageError(Exception):
@@ -88,16 +125,60 @@ def _load_models(checkpoint: str | None, dtype, seed: int):
   from sparvar_jax.vae import var_vqvae  # pylint: disable=g-import-not-at-top
   if checkpoint is None:
     rngs = nnx.Rngs(seed)
-    var = var_lib.VAR(configs.VAR_TINY, rngs=rngs, dtype=dtype)
-    vae = var_vqvae.VQVAE(configs.VQVAE_TINY, rngs=rngs)
+    var = var_lib.VAR(configs.VAR_DEMO, rngs=rngs, dtype=dtype)
+    vae = var_vqvae.VQVAE(configs.VQVAE_DEMO, rngs=rngs)
     return var, vae, "embedded default: tiny VAR (depth 2, width 128) with RANDOM weights"
   var, vae = var_lib.load_var(checkpoint, dtype=dtype)
   return var, vae, f"checkpoint {os.path.abspath(checkpoint)}"
 
 
+def _given(names) -> list[str]:
+  return ["--" + n for n in names if flags.FLAGS[n].present]
+
+
+def _checkpoint_kind(checkpoint: str | None) -> tuple[str, dict | None]:
+  """'var' or 'infinity' from the checkpoint's config.json (the default model is VAR)."""
+  if checkpoint is None:
+    return "var", None
+  from sparvar_jax.checkpoint import read_config  # pylint: disable=g-import-not-at-top
+  cfgs, _ = read_config(checkpoint)
+  return ("infinity" if "infinity" in cfgs else "var"), cfgs
+
+
+def _resolve_dtype(jax):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dtype_name = _DTYPE.value
+  if dtype_name == "auto":
+    dtype_name = "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
+  return dtype_name, jnp.dtype(dtype_name)
+
+
 def run(argv_flags=None) -> dict:
   """The CLI body; returns the report dict. Raises UsageError and friends on bad input."""
   del argv_flags
+  kind, cfgs = _checkpoint_kind(_CHECKPOINT.value)
+  if kind == "infinity":
+    wrong = _given(_VAR_ONLY)
+    if wrong:
+      raise UsageError(
+          f"{', '.join(wrong)} only apply to VAR (class-conditional) models, but "
+          f"{_CHECKPOINT.value!r} is an Infinity (text-to-image) checkpoint. Drop "
+          f"{' and '.join(wrong)} and give prompts with --prompt or --prompts_file.")
+    from sparvar_jax import sample_infinity  # pylint: disable=g-import-not-at-top
+    return sample_infinity.run(cfgs, UsageError, _setup_jax, _resolve_dtype)
+  wrong = _given(_INFINITY_ONLY)
+  if wrong:
+    what = (f"checkpoint {_CHECKPOINT.value!r} is a VAR (class-conditional ImageNet) model"
+            if _CHECKPOINT.value else "the default model (no --checkpoint) is a random VAR "
+            "(class-conditional ImageNet) model")
+    raise UsageError(
+        f"{', '.join(wrong)} only apply to Infinity (text-to-image) checkpoints, but {what}. "
+        "Drop them, or pass --checkpoint with a directory converted by `python -m "
+        "convert.infinity` (plus --t5 and --prompt).")
+  return _run_var()
+
+
+def _run_var() -> dict:
   from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
   from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
 
@@ -106,7 +187,15 @@ def run(argv_flags=None) -> dict:
     bad = [c for c in labels if not 0 <= c < 1000]
     if bad:
       raise UsageError(f"class ids must be in [0, 1000) (ImageNet classes), got {bad}")
-  settings = VARSampling(cfg=_CFG.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+  cfg = _VAR_CFG
+  if _CFG.value is not None:
+    try:
+      cfg = float(_CFG.value)
+    except ValueError as e:
+      raise UsageError(f"--cfg for VAR must be one number (cfg must be >= 0), got "
+                       f"{_CFG.value!r}") from e
+  top_p = _VAR_TOP_P if _TOP_P.value is None else _TOP_P.value
+  settings = VARSampling(cfg=cfg, top_k=_TOP_K.value, top_p=top_p,
                          more_smooth=_MORE_SMOOTH.value)
   try:
     settings.validate(vocab_size=None)
@@ -115,12 +204,7 @@ def run(argv_flags=None) -> dict:
   out_dir = outputs.prepare_dir(_OUT.value)
 
   jax = _setup_jax()
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  platform = jax.devices()[0].platform
-  dtype_name = _DTYPE.value
-  if dtype_name == "auto":
-    dtype_name = "bfloat16" if platform == "gpu" else "float32"
-  dtype = jnp.dtype(dtype_name)
+  dtype_name, dtype = _resolve_dtype(jax)
 
   t0 = time.perf_counter()
   var, vae, source = _load_models(_CHECKPOINT.value, dtype, _SEED.value)
@@ -179,9 +263,10 @@ def main(argv):
     sys.exit(2)
   from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.text import T5LoadError  # pylint: disable=g-import-not-at-top
   try:
     run()
-  except (UsageError, CheckpointError, OutputError) as e:
+  except (UsageError, CheckpointError, OutputError, T5LoadError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

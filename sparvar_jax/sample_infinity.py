@@ -1,0 +1,270 @@
+"""Infinity text-to-image mode of `python -m sparvar_jax.sample` (flags live in sample.py).
+
+Order of work: every flag, the prompts, the schedule, the sampling settings and the T5
+directory are checked before the output folder is touched or a model is built, so bad
+input costs a second and leaves --out empty. Then: T5 + Infinity + VAE load, prompts
+encoded once (over-long ones truncated to 512 tokens with a warning), one compiled
+generator for all prompts (the text length is bucketed over all of them), prompts run in
+chunks of --batch (the last chunk padded with copies, which are dropped), chunk c seeded
+with --seed + c.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+import unicodedata
+import warnings
+
+import numpy as np
+from absl import flags
+
+FLAGS = flags.FLAGS
+_TEMPLATE_TOL = 1e-3  # templates are h/w truncated to 3 decimals (2:3 -> 0.666)
+
+
+def _read_prompts(err) -> list[str]:
+  prompts = []
+  for p in FLAGS.prompt or []:
+    if not p.strip():
+      raise err("--prompt is empty; give the text to draw, e.g. --prompt \"a red fox\".")
+    prompts.append(p)
+  path = FLAGS.prompts_file
+  if path is not None:
+    try:
+      with open(path, "rb") as f:
+        raw = f.read()
+    except FileNotFoundError:
+      raise err(f"--prompts_file {path!r} does not exist; give a UTF-8 text file with one "
+                "prompt per line.") from None
+    except OSError as e:
+      raise err(f"cannot read --prompts_file {path!r}: {e.strerror or e}. Give a readable "
+                "UTF-8 text file with one prompt per line.") from None
+    try:
+      text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+      raise err(f"--prompts_file {path!r} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} "
+                f"at offset {e.start}); save it as UTF-8, one prompt per line.") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+      raise err(f"--prompts_file {path!r} holds no prompts (it is empty or only blank "
+                "lines); write one prompt per line.")
+    prompts.extend(lines)
+  if not prompts:
+    raise err("no prompt given: an Infinity checkpoint draws from text. Pass --prompt \"...\" "
+              "(repeat it for several) and/or --prompts_file FILE (one prompt per line).")
+  return prompts
+
+
+def _per_scale(err, name: str, text: str | None, default: float, n: int, pn: str):
+  """One number or a comma list of exactly n numbers -> float or list of floats."""
+  if text is None:
+    return default
+  parts = [t.strip() for t in str(text).split(",")]
+  try:
+    vals = [float(t) for t in parts]
+  except ValueError:
+    raise err(f"--{name} must be a number or a comma-separated list of numbers (one per "
+              f"scale), got {text!r}") from None
+  if len(vals) not in (1, n):
+    raise err(f"--{name} gives {len(vals)} values but the {pn} schedule has {n} scales: give "
+              f"one number or exactly {n}, comma-separated.")
+  if not all(math.isfinite(v) for v in vals):
+    raise err(f"--{name} values must be finite numbers, got {text!r}")
+  if name == "cfg" and any(v < 0 for v in vals):
+    raise err(f"--cfg must be >= 0 (1 turns guidance off), got {text!r}")
+  return vals[0] if len(vals) == 1 else vals
+
+
+def _t5_width(t5_dir: str) -> int | None:
+  """d_model from a converted T5's config.json, or None (load_t5 then says what is wrong)."""
+  from sparvar_jax.checkpoint import read_config  # pylint: disable=g-import-not-at-top
+  try:
+    cfgs, _ = read_config(t5_dir)
+    return int(cfgs["t5"].d_model)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _width_error(err, t5_dir, width, want):
+  return err(f"the T5 in {t5_dir!r} gives {width}-wide text features but the Infinity "
+             f"checkpoint {FLAGS.checkpoint!r} expects text_channels={want}. Infinity "
+             "2B/8B use flan-t5-xl (d_model 2048): convert that one with `python -m "
+             "convert.t5 --hf_dir flan-t5-xl --out DIR` and pass it as --t5.")
+
+
+def slug(prompt: str, n: int = 40) -> str:
+  s = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
+  s = re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:n].rstrip("-")
+  return s or "prompt"
+
+
+def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
+  """Infinity mode; `err` is the CLI's UsageError class."""
+  from sparvar_jax import schedules  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.generate_infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
+
+  ckpt = FLAGS.checkpoint
+  icfg = cfgs["infinity"]
+  if FLAGS.t5 is None:
+    raise err(f"{ckpt!r} is an Infinity (text-to-image) checkpoint, which needs a T5 text "
+              "encoder: pass --t5 DIR, a directory converted with `python -m convert.t5 "
+              "--hf_dir flan-t5-xl --out DIR`.")
+  prompts = _read_prompts(err)
+  negative = FLAGS.negative_prompt
+  if negative is not None and not negative.strip():
+    raise err("--negative_prompt is empty; drop it to use the model's learned "
+              "unconditional text.")
+  batch = 1 if FLAGS.batch is None else FLAGS.batch
+  if batch < 1:
+    raise err(f"--batch must be >= 1, got {batch}")
+  batch = min(batch, len(prompts))
+
+  pn = FLAGS.pn or "1M"
+  if pn not in schedules.PN_VALUES:
+    raise err(f"unknown --pn {pn!r}; choose one of {', '.join(schedules.PN_VALUES)} (pixel "
+              "budget: 1M is 1024x1024 at 1:1).")
+  aspect = FLAGS.aspect or "1:1"
+  try:
+    h_div_w = schedules.parse_aspect(aspect)
+  except ValueError as e:
+    raise err(f"--aspect: {e}") from None
+  schedule = schedules.get_schedule(h_div_w, pn)
+  n = schedule.num_scales
+  is_template = abs(schedule.template - h_div_w) <= _TEMPLATE_TOL
+
+  d = InfinitySampling()  # Infinity's defaults: cfg 3, tau 1, top-p 0.97
+  cfg = _per_scale(err, "cfg", FLAGS.cfg, d.cfg, n, pn)
+  tau = _per_scale(err, "tau", FLAGS.tau, d.tau, n, pn)
+  top_p = d.top_p if FLAGS.top_p is None else FLAGS.top_p
+  settings = InfinitySampling(cfg=cfg, tau=tau, top_k=FLAGS.top_k, top_p=top_p)
+  try:
+    cfgs_ps, taus_ps = settings.per_scale(n)
+  except ValueError as e:
+    raise err(str(e)) from None
+
+  # The T5 directory: tokenizer and width checked now, weights loaded after the folder.
+  from sparvar_jax import text  # pylint: disable=g-import-not-at-top
+  tok = text.T5Tokenizer.from_dir(FLAGS.t5)  # T5LoadError: one paragraph
+  width = _t5_width(FLAGS.t5)
+  if width is not None and width != icfg.text_channels:
+    raise _width_error(err, FLAGS.t5, width, icfg.text_channels)
+  tokens_full = [len(tok.encode(p)) for p in prompts]
+
+  from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
+  out_dir = outputs.prepare_dir(FLAGS.out)
+  if not is_template:
+    h, w = schedule.image_hw
+    print(f"note: aspect {aspect!r} (h/w {h_div_w:.4f}) is not an Infinity template; using "
+          f"the nearest template h/w {schedule.template} ({w}x{h} pixels).", file=sys.stderr)
+
+  jax = setup_jax()
+  dtype_name, dtype = resolve_dtype(jax)
+  from sparvar_jax.generate_infinity import InfinityGenerator, bucket_text_len  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
+
+  t0 = time.perf_counter()
+  encoder, tok = text.load_t5(FLAGS.t5, dtype)
+  if encoder.cfg.d_model != icfg.text_channels:
+    raise _width_error(err, FLAGS.t5, encoder.cfg.d_model, icfg.text_channels)
+  model, vae, _ = load_infinity(ckpt, dtype)
+  load_s = time.perf_counter() - t0
+  print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
+        f"{icfg.embed_dim}); T5 {os.path.abspath(FLAGS.t5)}", file=sys.stderr)
+
+  t0 = time.perf_counter()
+  trunc_msgs = []
+
+  def encode(texts, what):
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always", text.PromptTruncatedWarning)
+      out = text.encode_prompts(encoder, tok, texts)
+    for w in caught:
+      msg = f"{what}: {w.message}"
+      if issubclass(w.category, text.PromptTruncatedWarning):
+        trunc_msgs.append(msg)
+      print(f"warning: {msg}", file=sys.stderr)
+    return out
+
+  feats, lens = encode(prompts, "prompts")
+  neg = None
+  if negative is not None:
+    nf, nl = encode([negative], "negative prompt")
+    neg = (np.asarray(nf), np.asarray(nl))
+  feats, lens = np.asarray(feats), np.asarray(lens)
+  text_s = time.perf_counter() - t0
+
+  text_len = bucket_text_len(list(lens) + ([] if neg is None else list(neg[1])))
+  gen = InfinityGenerator(model, vae, schedule, batch, settings, text_len=text_len,
+                          cache_dtype=dtype)
+  N = len(prompts)
+  images, bits, calls = [], [[] for _ in range(n)], []
+  for c, start in enumerate(range(0, N, batch)):
+    idx = list(range(start, min(start + batch, N)))
+    rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
+    label = (f"prompt {idx[0] + 1}/{N}" if len(idx) == 1 else
+             f"prompts {idx[0] + 1}-{idx[-1] + 1}/{N}")
+
+    def progress(si, k, secs, label=label):
+      hh, ww = schedule.scales[si]
+      print(f"[{label}] scale {si + 1:2d}/{k} ({hh}x{ww}): {secs * 1e3:8.1f} ms",
+            file=sys.stderr)
+
+    res = gen(feats[rows], lens[rows], seed=FLAGS.seed + c, negative=neg, progress=progress)
+    print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
+    images.append(res.image_BHW3[:len(idx)])
+    for si, b in enumerate(res.bits_per_scale):
+      bits[si].append(b[:len(idx)])
+    calls.append({"prompts": idx, "seed": FLAGS.seed + c,
+                  "per_scale_seconds": res.scale_seconds, "decode_seconds": res.decode_seconds})
+  images = np.concatenate(images)
+  bits = [np.concatenate(b) for b in bits]
+
+  files, entries = [], []
+  for i, p in enumerate(prompts):
+    name = f"{i:03d}_{slug(p)}.png"
+    outputs.save_png(os.path.join(out_dir, name), images[i])
+    files.append(name)
+    entries.append({"index": i, "prompt": p, "tokens": int(lens[i]),
+                    "tokens_before_truncation": tokens_full[i],
+                    "truncated": tokens_full[i] > tok.max_len,
+                    "seed": FLAGS.seed + i // batch, "batch_row": i % batch, "file": name})
+  outputs.save_png(os.path.join(out_dir, "grid.png"), outputs.make_grid(images))
+  files.append("grid.png")
+  if FLAGS.save_npz:
+    arrays = {f"bits_scale{si}": b for si, b in enumerate(bits)}
+    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=images, **arrays)
+    files.append("samples.npz")
+  files.append("report.json")
+  report = {
+      "mode": "infinity",
+      "model": f"checkpoint {os.path.abspath(ckpt)}",
+      "random_weights": False,
+      "t5": os.path.abspath(FLAGS.t5),
+      "config": {"depth": icfg.depth, "embed_dim": icfg.embed_dim, "d_vae": icfg.d_vae,
+                 "text_channels": icfg.text_channels},
+      "prompts": entries,
+      "negative_prompt": negative,
+      "truncation_warnings": trunc_msgs,
+      "aspect": {"requested": aspect, "requested_h_div_w": h_div_w,
+                 "template_h_div_w": schedule.template, "is_template": is_template},
+      "pn": pn,
+      "schedule": [list(hw) for hw in schedule.scales],
+      "image_hw": list(schedule.image_hw),
+      "settings": {"cfg": list(cfgs_ps), "tau": list(taus_ps), "top_k": settings.top_k,
+                   "top_p": settings.top_p, "seed": FLAGS.seed, "batch": batch,
+                   "text_len": text_len, "dtype": dtype_name},
+      "device": str(jax.devices()[0]),
+      "seconds": {"load_and_build": load_s, "text_encode": text_s,
+                  "calls_first_incl_compile": calls,
+                  "total_generate": sum(sum(c["per_scale_seconds"]) + c["decode_seconds"]
+                                        for c in calls)},
+      "image_shape": list(images.shape),
+      "files": files,
+  }
+  outputs.save_json(os.path.join(out_dir, "report.json"), report)
+  print(f"wrote {N} images, grid.png and report.json to {out_dir}", file=sys.stderr)
+  return report
