@@ -259,7 +259,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
                    "text_len": text_len, "dtype": dtype_name},
       "device": str(jax.devices()[0]),
       "seconds": {"load_and_build": load_s, "text_encode": text_s,
-                  "calls_first_incl_compile": calls,
+                  "calls": calls, "first_call_includes_compile": True,
                   "total_generate": sum(sum(c["per_scale_seconds"]) + c["decode_seconds"]
                                         for c in calls)},
       "image_shape": list(images.shape),

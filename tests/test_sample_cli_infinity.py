@@ -94,7 +94,7 @@ def test_greedy_run_files_report_truncation_and_determinism(env, tmp_path):
   assert f"last {dropped} tokens were dropped" in r["truncation_warnings"][0]
   assert not any(e["truncated"] for i, e in enumerate(r["prompts"]) if i != 1)
   assert [(e["seed"], e["batch_row"]) for e in r["prompts"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-  calls = r["seconds"]["calls_first_incl_compile"]
+  calls = r["seconds"]["calls"]
   assert [c["prompts"] for c in calls] == [[0, 1], [2, 3]]
   assert all(len(c["per_scale_seconds"]) == 7 and c["decode_seconds"] > 0 for c in calls)
   names = [e["file"] for e in r["prompts"]]
