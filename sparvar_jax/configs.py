@@ -200,6 +200,13 @@ INFINITY_TINY_D56 = InfinityConfig(depth=2, embed_dim=256, num_heads=2, d_vae=56
                                    text_channels=512)
 
 
+# The CLI's embedded default (`python -m sparvar_jax.sample` with no checkpoint): a tiny,
+# randomly initialised Infinity on the full 13-scale 1M schedule (1024x1024), with a
+# small BSQ VAE so the CPU decode takes seconds.
+INFINITY_DEMO = INFINITY_TINY_D32
+BSQ_DEMO = BSQVAEConfig(codebook_dim=32, base_ch=32, ch_mult=(1, 1, 2, 2, 2))
+
+
 # --------------------------------------------------------------------------------------
 # T5 text encoder
 # --------------------------------------------------------------------------------------

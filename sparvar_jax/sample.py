@@ -1,8 +1,10 @@
-r"""Generate images with VAR (class-conditional ImageNet) from the command line.
+r"""Generate images with VAR (class-conditional ImageNet) or Infinity (text-to-image).
 
-With no arguments it runs an embedded default: a small, randomly initialised VAR and
-VQVAE (the images are noise — the weights are random), on the CPU in seconds, to show
-the whole path works. For real images, convert the official checkpoints first:
+With no arguments it runs an embedded default: a tiny, randomly initialised Infinity on
+the full 13-scale 1024x1024 schedule (where SparVAR acts), with random text features in
+place of T5, on the CPU in well under a minute. Its weights are random, so the images
+are noise: it shows the whole path works. `--demo var` runs a tiny random VAR instead.
+For real images, convert the official checkpoints first:
 
   python -m convert.var --var var_d16.pth --vae vae_ch160v4096z32.pth --out ckpt/var_d16
   python -m sparvar_jax.sample --checkpoint ckpt/var_d16 --labels 207,360,387,974 \
@@ -35,7 +37,7 @@ from absl import flags
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
                                   "(python -m convert.var, or python -m convert.infinity for "
-                                  "text-to-image). Default: a random tiny VAR model.")
+                                  "text-to-image). Default: a random tiny model (see --demo).")
 _OUT = flags.DEFINE_string("out", "samples", "Output folder.")
 _LABELS = flags.DEFINE_string("labels", None, "VAR only. Comma-separated ImageNet class ids "
                               "in [0, 1000); one id is repeated over the batch. Default: "
@@ -56,6 +58,10 @@ _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write samples.npz.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype of the transformer blocks (auto: bfloat16 on GPU, "
                            "float32 on CPU).")
+_DEMO = flags.DEFINE_enum("demo", "infinity", ["infinity", "var"],
+                          "The random tiny model used without --checkpoint: 'infinity' "
+                          "(text-to-image, full 13-scale 1024x1024 schedule, random text "
+                          "features instead of T5) or 'var' (class-conditional, 256x256).")
 # Infinity only.
 _T5 = flags.DEFINE_string("t5", None, "Infinity only. Converted T5 directory "
                           "(python -m convert.t5): config.json, t5/, spiece.model.")
@@ -137,9 +143,12 @@ def _given(names) -> list[str]:
 
 
 def _checkpoint_kind(checkpoint: str | None) -> tuple[str, dict | None]:
-  """'var' or 'infinity' from the checkpoint's config.json (the default model is VAR)."""
+  """'var' or 'infinity' from the checkpoint's config.json (or --demo without one)."""
   if checkpoint is None:
-    return "var", None
+    return _DEMO.value, None
+  if _DEMO.present:
+    raise UsageError("--demo picks the random model used when no --checkpoint is given; "
+                     "drop --demo or --checkpoint.")
   from sparvar_jax.checkpoint import read_config  # pylint: disable=g-import-not-at-top
   cfgs, _ = read_config(checkpoint)
   return ("infinity" if "infinity" in cfgs else "var"), cfgs
@@ -160,16 +169,18 @@ def run(argv_flags=None) -> dict:
   if kind == "infinity":
     wrong = _given(_VAR_ONLY)
     if wrong:
+      what = (f"{_CHECKPOINT.value!r} is an Infinity (text-to-image) checkpoint"
+              if _CHECKPOINT.value else "the default demo (no --checkpoint) is a random "
+              "Infinity (text-to-image) model; pass --demo var for the random VAR demo")
       raise UsageError(
-          f"{', '.join(wrong)} only apply to VAR (class-conditional) models, but "
-          f"{_CHECKPOINT.value!r} is an Infinity (text-to-image) checkpoint. Drop "
-          f"{' and '.join(wrong)} and give prompts with --prompt or --prompts_file.")
+          f"{', '.join(wrong)} only apply to VAR (class-conditional) models, but {what}. "
+          f"Drop {' and '.join(wrong)} and give prompts with --prompt or --prompts_file.")
     from sparvar_jax import sample_infinity  # pylint: disable=g-import-not-at-top
     return sample_infinity.run(cfgs, UsageError, _setup_jax, _resolve_dtype)
   wrong = _given(_INFINITY_ONLY)
   if wrong:
     what = (f"checkpoint {_CHECKPOINT.value!r} is a VAR (class-conditional ImageNet) model"
-            if _CHECKPOINT.value else "the default model (no --checkpoint) is a random VAR "
+            if _CHECKPOINT.value else "the demo model (--demo var) is a random VAR "
             "(class-conditional ImageNet) model")
     raise UsageError(
         f"{', '.join(wrong)} only apply to Infinity (text-to-image) checkpoints, but {what}. "

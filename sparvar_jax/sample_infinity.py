@@ -18,6 +18,7 @@ import sys
 import time
 import unicodedata
 import warnings
+import zlib
 
 import numpy as np
 from absl import flags
@@ -26,7 +27,25 @@ FLAGS = flags.FLAGS
 _TEMPLATE_TOL = 1e-3  # templates are h/w truncated to 3 decimals (2:3 -> 0.666)
 
 
-def _read_prompts(err) -> list[str]:
+DEMO_PROMPT = "a photo of a cat sitting on a sunny windowsill"
+
+
+def _demo_features(texts, channels: int):
+  """The demo's stand-in for T5: per prompt, one random feature row per word (+1, like
+  `</s>`), seeded from the prompt's text, so equal prompts give equal features."""
+  rows = []
+  for t in texts:
+    n = min(len(t.split()) + 1, 512)
+    rng = np.random.default_rng(zlib.crc32(t.encode("utf-8")))
+    rows.append(rng.standard_normal((n, channels)).astype(np.float32))
+  lens = np.array([len(r) for r in rows], np.int32)
+  feats = np.zeros((len(rows), int(lens.max()), channels), np.float32)
+  for i, r in enumerate(rows):
+    feats[i, :len(r)] = r
+  return feats, lens
+
+
+def _read_prompts(err, default: str | None = None) -> list[str]:
   prompts = []
   for p in FLAGS.prompt or []:
     if not p.strip():
@@ -53,6 +72,8 @@ def _read_prompts(err) -> list[str]:
       raise err(f"--prompts_file {path!r} holds no prompts (it is empty or only blank "
                 "lines); write one prompt per line.")
     prompts.extend(lines)
+  if not prompts and default is not None:
+    prompts = [default]
   if not prompts:
     raise err("no prompt given: an Infinity checkpoint draws from text. Pass --prompt \"...\" "
               "(repeat it for several) and/or --prompts_file FILE (one prompt per line).")
@@ -107,13 +128,20 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   from sparvar_jax import schedules  # pylint: disable=g-import-not-at-top
   from sparvar_jax.generate_infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
 
+  from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
+
   ckpt = FLAGS.checkpoint
-  icfg = cfgs["infinity"]
-  if FLAGS.t5 is None:
+  demo = ckpt is None  # the embedded default: random tiny Infinity, no T5
+  icfg = configs.INFINITY_DEMO if demo else cfgs["infinity"]
+  if demo and FLAGS.t5 is not None:
+    raise err("--t5 needs --checkpoint: the default demo model has random weights and uses "
+              "random text features instead of T5. Pass --checkpoint with a directory "
+              "converted by `python -m convert.infinity` to use a T5.")
+  if not demo and FLAGS.t5 is None:
     raise err(f"{ckpt!r} is an Infinity (text-to-image) checkpoint, which needs a T5 text "
               "encoder: pass --t5 DIR, a directory converted with `python -m convert.t5 "
               "--hf_dir flan-t5-xl --out DIR`.")
-  prompts = _read_prompts(err)
+  prompts = _read_prompts(err, DEMO_PROMPT if demo else None)
   negative = FLAGS.negative_prompt
   if negative is not None and not negative.strip():
     raise err("--negative_prompt is empty; drop it to use the model's learned "
@@ -148,11 +176,15 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
 
   # The T5 directory: tokenizer and width checked now, weights loaded after the folder.
   from sparvar_jax import text  # pylint: disable=g-import-not-at-top
-  tok = text.T5Tokenizer.from_dir(FLAGS.t5)  # T5LoadError: one paragraph
-  width = _t5_width(FLAGS.t5)
-  if width is not None and width != icfg.text_channels:
-    raise _width_error(err, FLAGS.t5, width, icfg.text_channels)
-  tokens_full = [len(tok.encode(p)) for p in prompts]
+  if demo:
+    tok = None
+    tokens_full = [int(n) for n in _demo_features(prompts, 1)[1]]
+  else:
+    tok = text.T5Tokenizer.from_dir(FLAGS.t5)  # T5LoadError: one paragraph
+    width = _t5_width(FLAGS.t5)
+    if width is not None and width != icfg.text_channels:
+      raise _width_error(err, FLAGS.t5, width, icfg.text_channels)
+    tokens_full = [len(tok.encode(p)) for p in prompts]
 
   from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
   out_dir = outputs.prepare_dir(FLAGS.out)
@@ -167,18 +199,34 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  encoder, tok = text.load_t5(FLAGS.t5, dtype)
-  if encoder.cfg.d_model != icfg.text_channels:
-    raise _width_error(err, FLAGS.t5, encoder.cfg.d_model, icfg.text_channels)
-  model, vae, _ = load_infinity(ckpt, dtype)
+  if demo:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
+    from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
+    rngs = nnx.Rngs(FLAGS.seed)
+    model = Infinity(icfg, rngs=rngs, dtype=dtype)
+    vae = BSQVAE(configs.BSQ_DEMO, rngs=rngs)
+    source = (f"embedded default: tiny Infinity (depth {icfg.depth}, width {icfg.embed_dim}) "
+              "and BSQ VAE with RANDOM weights; random text features instead of T5")
+    print(f"model: {source}", file=sys.stderr)
+    print("note: the default model's weights are random, so its images are noise; pass "
+          "--checkpoint (and --t5) for real images.", file=sys.stderr)
+  else:
+    encoder, tok = text.load_t5(FLAGS.t5, dtype)
+    if encoder.cfg.d_model != icfg.text_channels:
+      raise _width_error(err, FLAGS.t5, encoder.cfg.d_model, icfg.text_channels)
+    model, vae, _ = load_infinity(ckpt, dtype)
+    source = f"checkpoint {os.path.abspath(ckpt)}"
+    print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
+          f"{icfg.embed_dim}); T5 {os.path.abspath(FLAGS.t5)}", file=sys.stderr)
   load_s = time.perf_counter() - t0
-  print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
-        f"{icfg.embed_dim}); T5 {os.path.abspath(FLAGS.t5)}", file=sys.stderr)
 
   t0 = time.perf_counter()
   trunc_msgs = []
 
   def encode(texts, what):
+    if demo:
+      return _demo_features(texts, icfg.text_channels)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", text.PromptTruncatedWarning)
       out = text.encode_prompts(encoder, tok, texts)
@@ -230,7 +278,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
     files.append(name)
     entries.append({"index": i, "prompt": p, "tokens": int(lens[i]),
                     "tokens_before_truncation": tokens_full[i],
-                    "truncated": tokens_full[i] > tok.max_len,
+                    "truncated": tokens_full[i] > text.MAX_LEN,
                     "seed": FLAGS.seed + i // batch, "batch_row": i % batch, "file": name})
   outputs.save_png(os.path.join(out_dir, "grid.png"), outputs.make_grid(images))
   files.append("grid.png")
@@ -241,9 +289,11 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   files.append("report.json")
   report = {
       "mode": "infinity",
-      "model": f"checkpoint {os.path.abspath(ckpt)}",
-      "random_weights": False,
-      "t5": os.path.abspath(FLAGS.t5),
+      "model": source,
+      "random_weights": demo,
+      "t5": None if demo else os.path.abspath(FLAGS.t5),
+      "text_features": ("random, seeded from each prompt's text (demo: no T5)" if demo
+                        else "T5 encoder"),
       "config": {"depth": icfg.depth, "embed_dim": icfg.embed_dim, "d_vae": icfg.d_vae,
                  "text_channels": icfg.text_channels},
       "prompts": entries,

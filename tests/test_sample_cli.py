@@ -11,8 +11,11 @@ import pytest
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(*args, timeout=240):
+def _run(*args, timeout=240, demo="var"):
+  """Runs the CLI; without --checkpoint it picks `--demo demo` (None: the bare default)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  if demo is not None and "--checkpoint" not in args:
+    args = ("--demo", demo) + args
   return subprocess.run([sys.executable, "-m", "sparvar_jax.sample", *args], cwd=_ROOT,
                         env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -82,3 +85,32 @@ def test_checkpoint_dir_without_config(tmp_path):
   (tmp_path / "ck").mkdir()
   p = _run("--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck"))
   _assert_clean_error(p, "config.json")
+
+
+def test_bare_default_is_the_infinity_demo_on_the_1m_schedule(tmp_path):
+  """`python -m sparvar_jax.sample` alone: random tiny Infinity, 13 scales, 1024x1024."""
+  out = tmp_path / "demo"
+  p = _run("--out", str(out), "--save_npz", demo=None)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert "RANDOM weights" in p.stderr and "scale 13/13 (64x64)" in p.stderr
+  report = json.loads((out / "report.json").read_text())
+  assert report["mode"] == "infinity" and report["random_weights"] is True
+  assert report["t5"] is None and "random" in report["text_features"]
+  assert report["image_hw"] == [1024, 1024] and len(report["schedule"]) == 13
+  npz = np.load(out / "samples.npz")
+  assert npz["image_BHW3"].shape == (1, 1024, 1024, 3)
+  assert [npz[f"bits_scale{i}"].shape[1] for i in range(13)] == [
+      s * s for s in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)]
+  assert (out / "grid.png").exists() and len(list(out.glob("000_*.png"))) == 1
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--labels", "3"], ["--labels", "only apply to VAR", "--demo var"]),
+    (["--t5", "/somewhere"], ["--t5 needs --checkpoint"]),
+    (["--demo", "var", "--checkpoint", "/nonexistent"], ["--demo picks the random model"]),
+])
+def test_demo_flag_misuse(tmp_path, args, needles):
+  out = tmp_path / "o"
+  p = _run("--out", str(out), *args, demo=None)
+  _assert_clean_error(p, "error:", *needles)
+  assert not (out / "report.json").exists()

@@ -181,7 +181,7 @@ _ERRORS = [
     # <ck>; the args carry their own)
     (["--checkpoint", "{var}", "--t5", "{t5}"], ["--t5", "only apply to Infinity", "VAR"], True),
     (["--prompt", "a cat", "--pn", "1M"], ["--prompt, --pn", "only apply to Infinity",
-                                            "default model"], True),
+                                            "demo model (--demo var)"], True),
     (["--tau", "1", "--aspect", "1:1", "--negative_prompt", "x", "--prompts_file", "f"],
      ["--prompts_file", "--negative_prompt", "--aspect", "--tau"], True),
 ]
