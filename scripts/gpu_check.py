@@ -1,9 +1,15 @@
-"""All GPU-side kernel checks and the attention benchmark in one command; prints a short table.
+"""All GPU-side checks and benchmarks in one command; prints a short table.
 
 Usage (on the H100, from the repository root):
   PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out "$OUT"
-Writes checks.json (tests/test_kernels_gpu.py's CHECKS, run without pytest), and the
-benchmark's bench.json / jax.json / torch.json / masks.npz into --out.
+  PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out "$OUT" --skip-checks --skip-bench \
+      --models var16,var30,inf2b,inf8b
+Writes checks.json (tests/test_kernels_gpu.py's CHECKS, run without pytest), the attention
+benchmark's bench.json / jax.json / torch.json / masks.npz, and with --models the
+end-to-end model benchmarks (ours vs the official PyTorch code, same call) as models.json.
+The official baselines need their source in ignored folders: `.baseline/var_src`
+(FoundationVision/VAR `models/` + `dist.py`) and `.baseline/official_infinity` (the
+shared harness with the official Infinity source in `infinity_src/`); carry `.baseline`.
 """
 
 from __future__ import annotations
@@ -28,6 +34,71 @@ def _run(cmd):
     return repr(e)
 
 
+# name -> (ours command, official command, official cwd, label); timing keys below.
+_MODELS = {
+    "var16": (["scripts/bench_var.py", "--depth", "16", "--batch", "8"],
+              ["scripts/bench_var_official.py", "--src", ".baseline/var_src", "--depth", "16",
+               "--batch", "8"], None, "VAR-d16 256px b8 cfg4 (s/batch)"),
+    "var30": (["scripts/bench_var.py", "--depth", "30", "--batch", "8"],
+              ["scripts/bench_var_official.py", "--src", ".baseline/var_src", "--depth", "30",
+               "--batch", "8"], None, "VAR-d30 256px b8 cfg4 (s/batch)"),
+    "inf2b": (["scripts/bench_infinity.py", "--model", "2b"],
+              ["bench_infinity.py", "--model", "2b", "--warmup", "2", "--iters", "5",
+               "--profile", "0"], ".baseline/official_infinity", "Infinity-2B 1024px cfg4 (ms)"),
+    "inf8b": (["scripts/bench_infinity.py", "--model", "8b"],
+              ["bench_infinity.py", "--model", "8b", "--warmup", "2", "--iters", "5",
+               "--profile", "0"], ".baseline/official_infinity", "Infinity-8B 1024px cfg4 (ms)"),
+}
+
+
+def _last_json(text: str) -> dict | None:
+  for line in reversed(text.strip().splitlines()):
+    line = line.strip()
+    if line.startswith("{"):
+      try:
+        return json.loads(line)
+      except json.JSONDecodeError:
+        continue
+  return None
+
+
+def _time_of(rec: dict | None) -> float | None:
+  """Seconds per batch (VAR) or ms without decode (Infinity), ours or official."""
+  if not rec:
+    return None
+  for k in ("median_s", "median_ms_no_decode", "wall_ms_median"):
+    if k in rec:
+      return rec[k]
+  return None
+
+
+def run_models(names, out_dir, timeout):
+  rows = []
+  for name in names:
+    ours_cmd, off_cmd, off_cwd, label = _MODELS[name]
+    rec = {"name": name, "label": label}
+    for who, cmd, cwd in (("official", off_cmd, off_cwd), ("ours", ours_cmd, None)):
+      cwd = os.path.join(ROOT, cwd) if cwd else ROOT
+      if who == "official" and not os.path.exists(os.path.join(cwd, cmd[0])):
+        rec[who] = {"error": f"baseline source missing: {os.path.join(cwd, cmd[0])}"}
+        continue
+      try:
+        p = subprocess.run([sys.executable] + cmd, cwd=cwd, capture_output=True, text=True,
+                           timeout=timeout, env=dict(os.environ, PYTHONPATH=ROOT))
+        with open(os.path.join(out_dir, f"{name}_{who}.log"), "w") as f:
+          f.write(p.stdout + "\n--- stderr ---\n" + p.stderr)
+        rec[who] = _last_json(p.stdout) or {"error": f"exit {p.returncode}: "
+                                                     f"{p.stderr.strip()[-300:]}"}
+      except subprocess.TimeoutExpired:
+        rec[who] = {"error": f"timed out after {timeout} s"}
+      print(json.dumps({name: {who: rec[who]}}), flush=True)
+    t_ours, t_off = _time_of(rec.get("ours")), _time_of(rec.get("official"))
+    rec["speedup"] = (t_off / t_ours) if (t_ours and t_off) else None
+    rows.append(rec)
+  json.dump(rows, open(os.path.join(out_dir, "models.json"), "w"), indent=1)
+  return rows
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--out", default="gpu_check_out")
@@ -35,7 +106,16 @@ def main():
   p.add_argument("--skip-checks", action="store_true")
   p.add_argument("--only", default="", help="comma-separated check names")
   p.add_argument("--bench-args", default="", help="extra arguments for bench_attention.py")
+  p.add_argument("--models", default="", help=f"comma-separated of {sorted(_MODELS)}: "
+                 "end-to-end benchmarks, ours vs official in this call")
+  p.add_argument("--model-timeout", type=int, default=240)
+  p.add_argument("--pytest", action="store_true", help="also run the GPU-marked tests "
+                 "(pytest -m gpu tests/)")
   args = p.parse_args()
+  models = [m for m in args.models.split(",") if m]
+  unknown = sorted(set(models) - set(_MODELS))
+  if unknown:
+    p.error(f"unknown --models {unknown}; choose from {sorted(_MODELS)}")
   os.makedirs(args.out, exist_ok=True)
   t0 = time.time()
   import jax
@@ -68,11 +148,30 @@ def main():
            args.out] + args.bench_args.split()
     rc = subprocess.run(cmd, cwd=ROOT).returncode
     print(f"benchmark exit code {rc}", flush=True)
+  pytest_line = None
+  if args.pytest:
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/"], cwd=ROOT,
+                       capture_output=True, text=True)
+    with open(os.path.join(args.out, "pytest_gpu.log"), "w") as f:
+      f.write(p.stdout + p.stderr)
+    pytest_line = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+  model_rows = run_models(models, args.out, args.model_timeout) if models else []
   print("\n== GPU checks ==")
   for r in results:
     status = "PASS" if r.get("ok") else "FAIL"
     print(f"{status} {r['name']:<22} rel_err={r.get('rel_err', float('nan')):.2e} "
           f"{r.get('error', '')[:150]} ({r['s']} s)")
+  if pytest_line is not None:
+    print(f"\n== pytest -m gpu: {pytest_line}")
+  if model_rows:
+    print("\n== models: ours vs official (same call) ==")
+    for r in model_rows:
+      t_ours, t_off = _time_of(r.get("ours")), _time_of(r.get("official"))
+      fmt = lambda t: "-" if t is None else f"{t:.4g}"
+      sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+      errs = "; ".join(f"{w}: {r[w]['error'][:120]}" for w in ("ours", "official")
+                       if isinstance(r.get(w), dict) and "error" in r[w])
+      print(f"{r['label']:<34} official {fmt(t_off):>8}  ours {fmt(t_ours):>8}  {sp:>7}  {errs}")
   print(f"total {time.time() - t0:.0f} s; commit {env['commit']}; {env['kind']}")
 
 
