@@ -97,8 +97,11 @@ class VARGenerator:
       k_tok, k_gum = jax.random.split(key)
       idx_Bl = sampling.sample_top_k_top_p(k_tok, logits_BlV, s.top_k, s.top_p)
       if s.more_smooth:
+        # The official sampler filters logits_BlV in place (masked_fill_), so the Gumbel
+        # weights only cover the codes that survive top-k/top-p.
+        kept_BlV = sampling.top_k_top_p_filter(logits_BlV, s.top_k, s.top_p)
         tau = max(0.27 * (1 - ratio * 0.95), 0.005)  # MaskGIT-style annealing, as official
-        probs = sampling.gumbel_softmax(k_gum, logits_BlV * (1 + ratio), tau)
+        probs = sampling.gumbel_softmax(k_gum, kept_BlV * (1 + ratio), tau)
         h_BlC = jnp.einsum("blv,vc->blc", probs, vae.codebook.astype(jnp.float32))
       else:
         h_BlC = vae.embed(idx_Bl)
