@@ -186,18 +186,21 @@ def run(argv_flags=None) -> dict:
         f"{', '.join(wrong)} only apply to Infinity (text-to-image) checkpoints, but {what}. "
         "Drop them, or pass --checkpoint with a directory converted by `python -m "
         "convert.infinity` (plus --t5 and --prompt).")
-  return _run_var()
+  return _run_var(cfgs)
 
 
-def _run_var() -> dict:
-  from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
+def _run_var(cfgs: dict | None) -> dict:
+  from sparvar_jax import configs, outputs  # pylint: disable=g-import-not-at-top
   from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
 
   labels, batch = _parse_labels(_LABELS.value, _BATCH.value)
+  # The class count of the model to be loaded (a converted VAR need not have 1000).
+  num_classes = getattr((cfgs or {}).get("var"), "num_classes", configs.VAR_DEMO.num_classes)
   if labels is not None:
-    bad = [c for c in labels if not 0 <= c < 1000]
+    bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
-      raise UsageError(f"class ids must be in [0, 1000) (ImageNet classes), got {bad}")
+      raise UsageError(f"class ids must be in [0, {num_classes}) (the model's classes), got "
+                       f"{bad}")
   cfg = _VAR_CFG
   if _CFG.value is not None:
     try:

@@ -114,3 +114,21 @@ def test_demo_flag_misuse(tmp_path, args, needles):
   p = _run("--out", str(out), *args, demo=None)
   _assert_clean_error(p, "error:", *needles)
   assert not (out / "report.json").exists()
+
+
+def test_labels_are_checked_against_the_checkpoints_class_count(tmp_path):
+  """A converted VAR with 10 classes (convert.var reads the count from class_emb): ids
+  outside [0, 10) are refused in one paragraph, not by a traceback from the generator."""
+  import torch
+  from convert import var as convert_var
+  from tests.conftest import golden_dir
+  from tests.reference import var_torch
+  vae = os.path.join(golden_dir("var_tiny"), "vae_tiny.pth")  # vocab 512, Cvae 32
+  torch.manual_seed(0)
+  tm = var_torch.VARTorch(vocab_size=512, num_classes=10, depth=1, embed_dim=64, num_heads=1)
+  torch.save(tm.state_dict(), tmp_path / "var.pth")
+  convert_var.convert(str(tmp_path / "var.pth"), vae, str(tmp_path / "ck"), progress=False)
+  p = _run("--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck"),
+           "--labels", "3,50", "--top_k", "1")
+  _assert_clean_error(p, "error:", "class ids must be in [0, 10)", "50")
+  assert not (tmp_path / "o" / "report.json").exists()
