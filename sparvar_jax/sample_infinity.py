@@ -25,6 +25,9 @@ from absl import flags
 
 FLAGS = flags.FLAGS
 _TEMPLATE_TOL = 1e-3  # templates are h/w truncated to 3 decimals (2:3 -> 0.666)
+# Prompts per T5 call: the encoder's attention tensors are [B, heads, L, L], so a prompts
+# file of thousands of long prompts in one call would not fit in accelerator memory.
+T5_CHUNK = 32
 
 
 DEMO_PROMPT = "a photo of a cat sitting on a sunny windowsill"
@@ -98,6 +101,27 @@ def _per_scale(err, name: str, text: str | None, default: float, n: int, pn: str
   if name == "cfg" and any(v < 0 for v in vals):
     raise err(f"--cfg must be >= 0 (1 turns guidance off), got {text!r}")
   return vals[0] if len(vals) == 1 else vals
+
+
+def encode_texts(encoder, tok, texts, chunk: int = T5_CHUNK):
+  """T5 features of any number of prompts, at most `chunk` per encoder call:
+  (feats [N, L, K] fp32 numpy, lens [N] int32). All calls share one padded length L
+  (and one batch size: the last chunk is padded with copies), so one shape compiles.
+  Over-long prompts warn once each (PromptTruncatedWarning naming the prompt's index)."""
+  from sparvar_jax import text  # pylint: disable=g-import-not-at-top
+  lens = np.array([len(tok.truncate(tok.encode(p), i)) for i, p in enumerate(texts)], np.int32)
+  length = text.bucket_length(int(lens.max()), tok.max_len)
+  parts = []
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", text.PromptTruncatedWarning)  # warned just above
+    for start in range(0, len(texts), chunk):
+      rows = list(texts[start:start + chunk])
+      n = len(rows)
+      if len(texts) > chunk:
+        rows += [rows[-1]] * (chunk - n)
+      feats, _ = text.encode_prompts(encoder, tok, rows, length=length)
+      parts.append(np.asarray(feats, np.float32)[:n])
+  return np.concatenate(parts), lens
 
 
 def _t5_width(t5_dir: str) -> int | None:
@@ -229,7 +253,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
       return _demo_features(texts, icfg.text_channels)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", text.PromptTruncatedWarning)
-      out = text.encode_prompts(encoder, tok, texts)
+      out = encode_texts(encoder, tok, texts)
     for w in caught:
       msg = f"{what}: {w.message}"
       if issubclass(w.category, text.PromptTruncatedWarning):

@@ -197,3 +197,34 @@ def test_bad_input_is_one_clean_paragraph(env, tmp_path, args, needles, own_ckpt
   msg = p.stderr[p.stderr.index("error:"):].strip()
   assert "\n" not in msg, msg  # one paragraph
   assert not out.exists() or not os.listdir(out)  # nothing written
+
+
+def test_t5_features_encoded_in_bounded_chunks(env, monkeypatch):
+  """A long prompts file must not go through T5 as one batch (its [B, heads, L, L]
+  attention tensors grow with the number of prompts): the CLI's encoder helper makes
+  calls of at most `chunk` prompts at one padded length, with the same features and
+  lengths as a single call, and warns once per over-long prompt with its own index."""
+  import warnings
+  from sparvar_jax import sample_infinity, text
+  enc, tok = text.load_t5(env["t5"])
+  prompts = ["a cat", "a dog on a red sofa", "x", LONG, "first prompt", "a cat"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", text.PromptTruncatedWarning)
+    want_f, want_l = text.encode_prompts(enc, tok, prompts)
+  sizes, real = [], text.encode_prompts
+
+  def spy(e, t, ps, **kw):
+    sizes.append(len(ps))
+    return real(e, t, ps, **kw)
+
+  monkeypatch.setattr(text, "encode_prompts", spy)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", text.PromptTruncatedWarning)
+    feats, lens = sample_infinity.encode_texts(enc, tok, prompts, chunk=4)
+  trunc = [str(w.message) for w in caught if issubclass(w.category, text.PromptTruncatedWarning)]
+  assert len(trunc) == 1 and trunc[0].startswith("prompt 3 "), trunc
+  assert sizes == [4, 4]  # one compiled shape: the last chunk is padded with copies
+  np.testing.assert_array_equal(lens, want_l)
+  want_f = np.asarray(want_f)
+  assert feats.shape == want_f.shape and feats.dtype == np.float32
+  assert np.linalg.norm(feats - want_f) <= 1e-6 * np.linalg.norm(want_f)
