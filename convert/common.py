@@ -251,6 +251,9 @@ def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dic
   if os.path.exists(out_dir) and not overwrite:
     raise ConversionError(f"output {out_dir!r} already exists; choose another --out or pass "
                           "--overwrite.")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise ConversionError(f"output {out_dir!r} is a file, not a checkpoint directory; "
+                          "--overwrite only replaces a directory. Choose another --out.")
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)

@@ -187,6 +187,10 @@ def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = Fal
   if os.path.exists(out_dir) and not overwrite:
     raise ConversionError(f"output {os.path.abspath(out_dir)!r} already exists; choose "
                           "another --out or pass --overwrite.")
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # before the slow part
+    raise ConversionError(f"output {os.path.abspath(out_dir)!r} is a file, not a checkpoint "
+                          "directory; --overwrite only replaces a directory. Choose another "
+                          "--out.")
   log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
   log(f"reading {var_path}")
   var_sd = common.load_state_dict(var_path)

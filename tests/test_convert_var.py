@@ -210,3 +210,18 @@ def test_config_inference_for_released_shapes():
     keys = [k for r in convert_var.var_rules(cfg) for k in r.keys]
     assert len(keys) == len(set(keys))
     assert ("blocks.0.ada_gss" in keys) == cfg.shared_aln
+
+
+def test_overwrite_refuses_an_out_path_that_is_a_file(tiny, vae_path, tmp_path):
+  """--overwrite replaces a checkpoint directory, never a file: refused up front in one
+  paragraph (not a NotADirectoryError traceback after the whole conversion)."""
+  out = tmp_path / "notes.txt"
+  out.write_text("keep me")
+  with pytest.raises(ConversionError, match="is a file"):
+    convert_var.convert(tiny[1], vae_path, str(out), overwrite=True, progress=False)
+  from convert import common
+  with pytest.raises(ConversionError, match="is a file"):  # every converter's writer too
+    common.write_converted(str(out), {"var": {"x": np.zeros(2, np.float32)}}, {},
+                           overwrite=True)
+  assert out.read_text() == "keep me"
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"]  # no temporary directory left
