@@ -165,6 +165,9 @@ def _resolve_dtype(jax):
 def run(argv_flags=None) -> dict:
   """The CLI body; returns the report dict. Raises UsageError and friends on bad input."""
   del argv_flags
+  # JAX keys hold 32-bit seeds: larger ones would silently repeat smaller ones.
+  if not 0 <= _SEED.value < 2**32:
+    raise UsageError(f"--seed must be in [0, 2**32), got {_SEED.value}")
   kind, cfgs = _checkpoint_kind(_CHECKPOINT.value)
   if kind == "infinity":
     wrong = _given(_VAR_ONLY)
