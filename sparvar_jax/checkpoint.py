@@ -67,8 +67,8 @@ def load_into(model, tree: dict[str, Any], what: str = "model"):
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   state = nnx.state(model, nnx.Param)
-  want = _flat(nnx.to_pure_dict(state))
-  have = _flat(tree)
+  want = flatten_tree(nnx.to_pure_dict(state))
+  have = flatten_tree(tree)
   missing = sorted(set(want) - set(have))
   unexpected = sorted(set(have) - set(want))
   shapes = sorted(f"{k}: model {tuple(want[k].shape)}, checkpoint {tuple(have[k].shape)}"
@@ -84,11 +84,12 @@ def load_into(model, tree: dict[str, Any], what: str = "model"):
   return model
 
 
-def _flat(tree, prefix=()):
+def flatten_tree(tree, prefix=()) -> dict[str, Any]:
+  """Nested dict -> {"a/b/c": leaf} (keys joined with "/" as strings)."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, dict):
-      out.update(_flat(v, prefix + (str(k),)))
+      out.update(flatten_tree(v, prefix + (str(k),)))
     else:
       out["/".join(prefix + (str(k),))] = v
   return out

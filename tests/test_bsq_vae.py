@@ -29,30 +29,11 @@ FAMILIES = {  # tiny stand-ins: (config, patch_size, token schedule, image side)
 SCHED_1M = [(p, p) for p in (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)]
 
 
-def _flat(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, prefix + (str(k),)))
-    else:
-      out["/".join(prefix + (str(k),))] = np.asarray(v)
-  return out
-
-
-def _shapes(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_shapes(v, prefix + (str(k),)))
-    else:
-      out["/".join(prefix + (str(k),))] = tuple(v.shape)
-  return out
-
-
 def _load(cfg, tree):
   model = nnx.eval_shape(lambda: bsq.BSQVAE(cfg, rngs=nnx.Rngs(0)))  # shapes only, then load
   want = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  assert {k: v.shape for k, v in _flat(tree).items()} == _shapes(want)
+  assert ({k: v.shape for k, v in checkpoint.flatten_tree(tree).items()}
+          == {k: v.shape for k, v in checkpoint.flatten_tree(want).items()})
   return checkpoint.load_into(model, tree, what="BSQ VAE")
 
 
@@ -171,8 +152,8 @@ def test_plain_and_wrapped_keys_convert_alike():
     plain[k] = v
   assert "encoder.down.0.downsample.conv.weight" in plain and "encoder.conv_in.weight" in plain
   assert bsq_rules.infer_bsq_config(plain) == cfg
-  a = _flat(bsq_rules.convert_bsq_state_dict({"vae": wrapped}))
-  b = _flat(bsq_rules.convert_bsq_state_dict(plain))
+  a = checkpoint.flatten_tree(bsq_rules.convert_bsq_state_dict({"vae": wrapped}))
+  b = checkpoint.flatten_tree(bsq_rules.convert_bsq_state_dict(plain))
   assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
   # errors: both forms at once, a missing tensor, a bad mask
   both = dict(wrapped, **{"encoder.conv_in.weight": plain["encoder.conv_in.weight"]})

@@ -160,11 +160,11 @@ def test_rules_fit_the_released_model_sizes(which):
   """The key map produces exactly the parameter tree of the model built from the config."""
   from flax import nnx
   from sparvar_jax import configs
-  from sparvar_jax.checkpoint import _flat  # pylint: disable=protected-access
+  from sparvar_jax.checkpoint import flatten_tree
   from sparvar_jax.models.infinity import abstract_infinity
   cfg = configs.INFINITY_2B if which == "2B" else configs.INFINITY_8B
   want = {k: tuple(v.shape) for k, v in
-          _flat(nnx.to_pure_dict(nnx.state(abstract_infinity(cfg), nnx.Param))).items()}
+          flatten_tree(nnx.to_pure_dict(nnx.state(abstract_infinity(cfg), nnx.Param))).items()}
   got = {}
   for r in conv.infinity_rules(cfg):
     if r.transform is conv.linear_t:

@@ -22,16 +22,6 @@ from tests.reference import var_vqvae_torch as ref
 PN256 = VAR_PATCH_NUMS[256]
 
 
-def _flat_paths(tree, prefix=()):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat_paths(v, prefix + (str(k),)))
-    else:
-      out["/".join(prefix + (str(k),))] = tuple(v.shape)
-  return out
-
-
 def _convert(path, patch_nums):
   sd = common.load_state_dict(path)
   cfg = vqvae_rules.infer_vqvae_config(sd, patch_nums)
@@ -41,8 +31,11 @@ def _convert(path, patch_nums):
 def _jax_model(cfg, tree):
   # abstract init (shapes only) then load: concrete random init costs ~10 s on CPU
   model = nnx.eval_shape(lambda: var_vqvae.VQVAE(cfg, rngs=nnx.Rngs(0)))
-  want = _flat_paths(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  assert _flat_paths(tree) == want  # the key map fills exactly the model's tree
+  want = checkpoint.flatten_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  have = checkpoint.flatten_tree(tree)
+  # the key map fills exactly the model's tree
+  assert {k: tuple(v.shape) for k, v in have.items()} == {
+      k: tuple(v.shape) for k, v in want.items()}
   return checkpoint.load_into(model, tree, what="VQVAE")
 
 
