@@ -53,11 +53,13 @@ def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block
       q = q_ref[pl.ds(start, block_q), :]
       lse2 = lse_ref[pl.ds(start, block_q)]
       s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-      p = jnp.exp2(s * qk_scale - lse2[:, None])
-      return acc + jnp.sum(p, axis=0)
+      return acc + jnp.exp2(s * qk_scale - lse2[:, None])
 
-    cs_ref[g, :] = lax.fori_loop(0, group_size // block_q, chunk,
-                                 jnp.zeros((k.shape[0],), jnp.float32))
+    # Summing over queries crosses warps; accumulating the tiles elementwise and reducing
+    # once per group keeps that shuffle out of the inner loop.
+    acc = lax.fori_loop(0, group_size // block_q, chunk,
+                        jnp.zeros((block_q, k.shape[0]), jnp.float32))
+    cs_ref[g, :] = jnp.sum(acc, axis=0)
     return carry
 
   lax.fori_loop(0, num_groups, group, 0)
@@ -100,8 +102,9 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
                            interpret: bool = False):
   """Dense attention output [B, Lq, H, D] (q.dtype) and column sums [B, H, G, Lk] f32.
 
-  dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp) or
-  "cudnn" (jax.nn.dot_product_attention with return_residual; GPU only).
+  dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp), "mgpu"
+  (our Hopper kernel, bf16/fp16 on an H100) or "cudnn" (jax.nn.dot_product_attention with
+  return_residual; GPU only).
   """
   b, lq, h, d = q.shape
   lk = k.shape[1]
@@ -112,12 +115,15 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
     mask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=dc.block_q, block_kv=max(dc.block_kv, 128))
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True, config=dc,
                                       interpret=interpret)
+  elif dense_impl == "mgpu":
+    from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
+    out, lse = block_sparse_attention_mgpu(q, k, v, scale=scale, return_lse=True)
   elif dense_impl == "cudnn":
     out, lse_bqh = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
                                                 return_residual=True)
     lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
   else:
-    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas' or 'cudnn'.")
+    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas', 'mgpu' or 'cudnn'.")
   return out, column_sums(q, k, lse, group_size=group_size, scale=scale, config=config,
                           interpret=interpret)
 

@@ -18,6 +18,7 @@ synchronised); torch = triton.testing.do_bench median.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -60,6 +61,7 @@ def jax_part(args):
   from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
                               block_sparse_attention, dense_attention, dense_colsum_attention,
                               gather_attention, key_budget)
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   from sparvar_jax.sparse import csla
 
   R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
@@ -117,6 +119,13 @@ def jax_part(args):
                                                           interpret=interp))
 
   cudnn = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation=dense_impl))
+  # Hopper kernel (Mosaic GPU): only where it compiles (an sm_90 GPU).
+  use_mgpu = (not interp) and not args.no_mgpu
+  mgpu_dense_cfgs = [MosaicConfig(64, 128, 2), MosaicConfig(64, 64, 4)]
+
+  def mg_fn(m, kv_len, cfg=MosaicConfig()):
+    return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
+                                                               config=cfg))
   last, first = max(args.scales), min(args.scales)
 
   # --- tuning: a few tiles on the heaviest shape, 16 heads, scale 12
@@ -163,6 +172,12 @@ def jax_part(args):
       dm = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
       timed_row(bs_fn(dm, None, cfg_of["dense"]), (q, kb, vb), dense_flops, t_cudnn,
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
+      if use_mgpu:
+        for mcfg in mgpu_dense_cfgs:
+          timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, t_cudnn, heads=heads,
+                    scale=scale, impl="ours_mgpu" + ("" if mcfg == MosaicConfig() else
+                                                     f"_kv{mcfg.block_kv}"),
+                    mask="dense", frac=1.0, config=str(mcfg))
       rule = csla.csla_rule(scale)
       masks_out[f"rule_q_{scale}"] = np.asarray(rule.q_yx_2Q)
       masks_out[f"rule_k_{scale}"] = np.asarray(rule.k_box_4K)
@@ -176,6 +191,9 @@ def jax_part(args):
           timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
                     scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
                     config=str(cfg))
+        if use_mgpu and blk == 128:
+          timed_row(mg_fn(m, lk), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+                    scale=scale, impl="ours_mgpu", mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
         plan = csla.csla_tile_plan(scale, tile=8)
         frac = plan["pairs"] / (lq * lk)
@@ -195,6 +213,9 @@ def jax_part(args):
           timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac, t_cudnn,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
+          if use_mgpu:
+            timed_row(mg_fn(m, lk), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+                      scale=scale, impl="ours_mgpu", mask=f"random{int(dens * 100)}", frac=frac)
       if scale in sorted(args.scales)[-2:] and not args.no_gather:
         g = 192 if not interp else 64
         ng = -(-lq // g)
@@ -209,13 +230,35 @@ def jax_part(args):
               q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
           timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
+        # Other group sizes (the query group is a parameter of CS4A): 128-query tiles
+        # halve the gathered K/V traffic per query.
+        for g2 in (() if interp else (128, 256)):
+          ng2 = -(-lq // g2)
+          idx2 = jnp.asarray(np.sort(np.argsort(rng.random((B, heads, ng2, lk)), axis=-1)
+                                     [..., :budget], -1), jnp.int32)
+          cnt2 = jnp.full((B, heads, ng2), budget, jnp.int32)
+          for gcfg in (GatherConfig(128, 64, 4, 2), GatherConfig(128, 64, 8, 2),
+                       GatherConfig(128, 64, 8, 3), GatherConfig(128, 32, 4, 3)):
+            f = jax.jit(lambda q, k, v, r, gcfg=gcfg, idx2=idx2, cnt2=cnt2, g2=g2:
+                        gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
+            timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+                      impl="ours_pallas", mask=f"gather20_g{g2}", frac=frac, config=str(gcfg))
       if scale == first and not args.no_gather:
-        for impl in ("pallas",) if interp else ("pallas", "cudnn"):
-          f = jax.jit(lambda q, k, v, impl=impl: dense_colsum_attention(
-              q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
-              config=ColsumConfig(dense=cfg_of["dense"]), interpret=interp))
-          timed_row(f, (q, k, v), None, t_cudnn, heads=heads, scale=scale,
-                    impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0)
+        ccfgs = [ColsumConfig(64, 128, 8, 2)]
+        if not interp:
+          ccfgs += [ColsumConfig(64, 128, 4, 2), ColsumConfig(64, 64, 4, 2),
+                    ColsumConfig(64, 128, 8, 3), ColsumConfig(32, 128, 4, 2),
+                    ColsumConfig(64, 256, 8, 2)]
+        impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mgpu",) if use_mgpu else ())
+        for impl in impls:
+          for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
+            ccfg = dataclasses.replace(ccfg, dense=cfg_of["dense"])
+            f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
+                q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
+                config=ccfg, interpret=interp))
+            timed_row(f, (q, k, v), None, t_cudnn, heads=heads, scale=scale,
+                      impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0,
+                      config=f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
       del q, k, v, kb, vb
   np.savez(os.path.join(args.out, "masks.npz"), **masks_out)
   jax.clear_caches()
@@ -332,7 +375,7 @@ def merge_and_print(RJ, RT):
     if r["impl"].startswith("ours"):
       mk = r["mask"]
       fk = alias.get(mk, mk)
-      base = "dense" if mk in ("gather20", "dense+colsum") else fk
+      base = "dense" if (mk.startswith("gather20") or mk == "dense+colsum") else fk
       if (r["heads"], r["scale"], base) in flex:
         r["flex_ms"] = flex[(r["heads"], r["scale"], base)]
         r["vs_flex"] = r["flex_ms"] / r["ms"]
@@ -354,6 +397,7 @@ def main():
   p.add_argument("--quick", action="store_true", help="two tuning candidates only")
   p.add_argument("--no-tune", action="store_true", help="use the known best tiles")
   p.add_argument("--no-gather", action="store_true", help="skip the CS4A rows (gather, colsum)")
+  p.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU (Hopper) rows")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()
   args.heads = [int(h) for h in args.heads.split(",")]

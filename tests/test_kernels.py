@@ -271,3 +271,55 @@ def test_csla_attention_variants_agree_in_exact_mode():
   assert _rel(a, want) < 1e-5 and _rel(b, want) < 1e-5
   with pytest.raises(ValueError, match="variant="):
     csla.csla_attention(q, k, v, 5, variant="flex", **kw)
+
+
+# ------------------------------------------------------------------ Hopper (Mosaic GPU) kernel
+# Mosaic GPU's interpret mode (jax 0.10) cannot run `run_state`, so on CPU we lower the kernel
+# for CUDA: that runs the whole Pallas -> Mosaic GPU lowering (layouts, TMA slices, barriers,
+# shape checks) and fails on anything the backend cannot express. Numbers are GPU-checked.
+
+
+@pytest.mark.parametrize("lq,lk_buf,kv_len,d,dtype,kv,steps,masked", [
+    (4096, 10624, 10521, 128, jnp.bfloat16, 128, 2, False),
+    (300, 1000, 999, 128, jnp.bfloat16, 128, 2, True),
+    (1000, 3072, 3001, 64, jnp.float16, 64, 4, True),
+])
+def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, masked):
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+  cfg = MosaicConfig(block_kv=kv, max_concurrent_steps=steps)
+  b, h = 2, 3
+  m = None
+  if masked:
+    rng = np.random.default_rng(0)
+    types = (rng.random((b, h, -(-lq // 128), -(-kv_len // kv))) < 0.4).astype(np.int8) * 2
+    m = BlockMask.from_block_types(types, q_len=lq, kv_len=kv_len, block_q=128, block_kv=kv)
+  q = jax.ShapeDtypeStruct((b, lq, h, d), dtype)
+  k = jax.ShapeDtypeStruct((b, lk_buf, h, d), dtype)
+  fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=None if m else kv_len,
+                                                   return_lse=True, config=cfg)
+  text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+def test_mgpu_visit_lists_merge_sort_and_refuse_bad_shapes():
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu, visit_lists
+  types = np.array([[2, 0, 1, 2, 1], [0, 0, 0, 0, 0]], np.int8)
+  m = BlockMask.from_block_types(types, q_len=256, kv_len=600, block_q=128, block_kv=128)
+  num, idx = visit_lists(m)
+  assert num.tolist() == [[[4, 0]]]
+  assert idx[0, 0, 0, :4].tolist() == [0, 2, 3, 4]  # full and partial merged, ascending
+  q = jnp.zeros((1, 256, 1, 128), jnp.bfloat16)
+  k = jnp.zeros((1, 640, 1, 128), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="head dim 96"):
+    block_sparse_attention_mgpu(q[..., :96], k[..., :96], k[..., :96])
+  with pytest.raises(NotImplementedError, match="dtype float32"):
+    block_sparse_attention_mgpu(q.astype(jnp.float32), k.astype(jnp.float32),
+                                k.astype(jnp.float32))
+  m64 = BlockMask.from_block_types(np.ones((4, 10), bool), q_len=256, kv_len=600, block_q=64,
+                                   block_kv=64)
+  with pytest.raises(NotImplementedError, match="mask blocks 64x64"):
+    block_sparse_attention_mgpu(q, k, k, m64)
+  with pytest.raises(ValueError, match="kv_len=700"):
+    block_sparse_attention_mgpu(q, k, k, kv_len=700)
+  with pytest.raises(ValueError, match="block_q=128"):
+    MosaicConfig(block_q=128)

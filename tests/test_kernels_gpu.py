@@ -17,6 +17,7 @@ from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherCo
                             dense_attention, dense_colsum_attention,
                             dense_colsum_attention_reference, gather_attention,
                             gather_attention_reference, key_budget, topk_key_indices)
+from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
 from sparvar_jax.sparse import csla
 
 try:
@@ -165,7 +166,62 @@ def check_csla_tiles(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16):
   return _finish(f"csla s{query_scale} 2D tiles exact D{d}", _rel(out, ref), out)
 
 
+def check_mgpu_dense(lq=4096, lk=10521, heads=2, d=128, dtype=jnp.bfloat16,
+                     config=MosaicConfig()):
+  """Hopper kernel, every block, from a KV buffer padded to 128 (kv_len cuts the last block)."""
+  rng = _rng()
+  lk_pad = -(-lk // 128) * 128
+  q, k, v = _qkv(rng, 2, lq, lk_pad, heads, d, dtype)
+  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, kv_len=lk, return_lse=True,
+                                                          config=config))
+  out, lse = _poisoned(f, q, k, v)
+  m = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
+  return _finish(f"mgpu dense {lq}x{lk} D{d} {jnp.dtype(dtype).name} kv{config.block_kv}",
+                 max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
+
+
+def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16):
+  rng = _rng()
+  m = csla.csla_block_mask(query_scale, 128, 128)
+  lk_pad = -(-m.kv_len // 128) * 128
+  q, k, v = _qkv(rng, 2, m.q_len, lk_pad, heads, d, dtype)
+  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True))
+  out, lse = _poisoned(f, q, k, v)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
+  return _finish(f"mgpu csla s{query_scale} block D{d} {jnp.dtype(dtype).name}",
+                 max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
+
+
+def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16):
+  """Per-(batch, head) random masks, an empty query block, odd Lq, kv_len cut."""
+  rng = _rng()
+  b, lq, lk, h = 2, 1000, 3001, 3
+  nq, nk = -(-lq // 128), -(-lk // 128)
+  types = (rng.random((b, h, nq, nk)) < 0.3).astype(np.int8) * 2
+  types[..., -1] = np.where(rng.random((b, h, nq)) < 0.5, 1, 0)  # the cut block, sometimes
+  types[1, 2, 3] = 0  # query block 3 of (batch 1, head 2) sees nothing
+  m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True))
+  out, lse = _poisoned(f, q, k, v)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
+  assert bool((out[1, 384:512, 2] == 0).all()), "empty rows must be zeros"
+  assert bool((lse[1, 2, 384:512] == -jnp.inf).all()), "empty rows must have lse -inf"
+  fin = jnp.isfinite(ref_lse)
+  err_lse = _rel(jnp.where(fin, lse, 0), jnp.where(fin, ref_lse, 0))
+  return _finish(f"mgpu random 30% per-(b,h) + empty rows D{d}",
+                 max(_rel(out, ref), err_lse), out)
+
+
 CHECKS = [
+    ("mgpu_dense", check_mgpu_dense),
+    ("mgpu_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
+        lq=1000, lk=3001, d=64, dtype=jnp.float16,
+        config=MosaicConfig(block_kv=64, max_concurrent_steps=4))),
+    ("mgpu_csla_s12", check_mgpu_csla),
+    ("mgpu_csla_s10_d64", lambda: check_mgpu_csla(10, d=64)),
+    ("mgpu_random_empty_rows", check_mgpu_random_empty_rows),
     ("csla_tiles_s12", check_csla_tiles),
     ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
