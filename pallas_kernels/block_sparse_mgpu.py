@@ -117,8 +117,10 @@ def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref, scoped, *, 
   smem, (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
   qo_smem2, k_smem, v_smem, lse_smem2 = smem
 
+  # The step count is always read from memory: a compile-time trip count makes Mosaic GPU
+  # (jax 0.11.2) emit the loops differently and fail on a captured constant.
   if dense:
-    total = jnp.int32(num_kv_blocks)
+    total = num_ref[0, 0, 0]
     block_at = lambda step: step
   else:
     mb, mh = (bi if sel_b else 0), (hi if sel_h else 0)
@@ -293,7 +295,7 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   qp = _pad_axis(q, 1, nq * tile_q)
   kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
   if mask is None:
-    num = jnp.zeros((1, 1, 1), jnp.int32)
+    num = jnp.full((1, 1, 1), nk, jnp.int32)
     idx = jnp.zeros((1, 1, 1, 1), jnp.int32)
     sel_b = sel_h = False
   else:

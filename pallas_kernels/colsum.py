@@ -31,7 +31,7 @@ class ColsumConfig:
   """Tiles of the column-sum pass (block_q divides the group size) + the dense pass config."""
   block_q: int = 64
   block_kv: int = 128
-  num_warps: int = 8
+  num_warps: int = 4  # H100, 16 heads, scale 10: 4 warps 0.459 ms vs 8 warps 0.489 (cuDNN dense)
   num_stages: int = 2
   dense: BlockSparseConfig = BlockSparseConfig()
 

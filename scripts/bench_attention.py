@@ -237,18 +237,20 @@ def jax_part(args):
           idx2 = jnp.asarray(np.sort(np.argsort(rng.random((B, heads, ng2, lk)), axis=-1)
                                      [..., :budget], -1), jnp.int32)
           cnt2 = jnp.full((B, heads, ng2), budget, jnp.int32)
-          for gcfg in (GatherConfig(128, 64, 4, 2), GatherConfig(128, 64, 8, 2),
-                       GatherConfig(128, 64, 8, 3), GatherConfig(128, 32, 4, 3)):
+          gcfgs = [GatherConfig(128, 64, 4, 2), GatherConfig(128, 64, 4, 3),
+                   GatherConfig(128, 128, 8, 2)]
+          if g2 % 256 == 0:
+            gcfgs += [GatherConfig(256, 64, 8, 2), GatherConfig(256, 32, 8, 3)]
+          for gcfg in gcfgs:
             f = jax.jit(lambda q, k, v, r, gcfg=gcfg, idx2=idx2, cnt2=cnt2, g2=g2:
                         gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
             timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
                       impl="ours_pallas", mask=f"gather20_g{g2}", frac=frac, config=str(gcfg))
       if scale == first and not args.no_gather:
-        ccfgs = [ColsumConfig(64, 128, 8, 2)]
+        ccfgs = [ColsumConfig()]
         if not interp:
-          ccfgs += [ColsumConfig(64, 128, 4, 2), ColsumConfig(64, 64, 4, 2),
-                    ColsumConfig(64, 128, 8, 3), ColsumConfig(32, 128, 4, 2),
-                    ColsumConfig(64, 256, 8, 2)]
+          ccfgs += [ColsumConfig(64, 128, 8, 2), ColsumConfig(64, 64, 4, 3),
+                    ColsumConfig(64, 128, 4, 3)]
         impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mgpu",) if use_mgpu else ())
         for impl in impls:
           for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
