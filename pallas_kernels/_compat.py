@@ -44,3 +44,11 @@ def on_gpu() -> bool:
     return jax.default_backend() == "gpu"
   except RuntimeError:
     return False
+
+
+def on_hopper() -> bool:
+  """True on an sm_90 GPU (H100/H200), where the Mosaic GPU kernels compile."""
+  if not on_gpu():
+    return False
+  cc = getattr(jax.devices()[0], "compute_capability", "")
+  return str(cc).startswith("9")

@@ -150,12 +150,50 @@ def _kernel(q_ref, k_ref, v_ref, fnum_ref, fidx_ref, pnum_ref, pidx_ref, *rest, 
   _finish(*carry, o_ref, lse_ref)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "return_lse", "config", "interpret"))
+BACKENDS = ("auto", "triton", "mosaic")
+
+
+def choose_backend(q, mask: BlockMask, rule: TokenBoxRule | None, backend: str,
+                   interpret: bool = False) -> str:
+  """'auto' -> 'mosaic' (the Hopper kernel) for block-granular masks with 128 x 128 blocks,
+  bf16/fp16, head dim 64/128 on an sm_90 GPU; 'triton' otherwise."""
+  if backend not in BACKENDS:
+    raise ValueError(f"backend={backend!r}; choose one of {BACKENDS}.")
+  if backend != "auto":
+    return backend
+  if interpret or rule is not None or not _compat.on_hopper():
+    return "triton"
+  from pallas_kernels import block_sparse_mgpu
+  return "mosaic" if block_sparse_mgpu.supports(q, mask) is None else "triton"
+
+
 def block_sparse_attention(q, k, v, mask: BlockMask, rule: TokenBoxRule | None = None, *,
                            scale: float | None = None, return_lse: bool = False,
                            config: BlockSparseConfig = BlockSparseConfig(),
-                           interpret: bool = False):
-  """Block-sparse attention.
+                           interpret: bool = False, backend: str = "auto"):
+  """Block-sparse attention; see `_block_sparse_attention_triton` for the arguments.
+
+  backend: "triton" (portable Pallas kernel: both semantics, any tile), "mosaic" (the Hopper
+  kernel in block_sparse_mgpu.py: block-granular, 128 x 128 blocks, bf16/fp16) or "auto"
+  (mosaic where it applies, measured faster on every mask on the H100; else triton).
+  """
+  chosen = choose_backend(q, mask, rule, backend, interpret)
+  if chosen == "mosaic":
+    if rule is not None:
+      raise NotImplementedError("the Mosaic GPU kernel is block-granular only; exact masks "
+                                "(rule given) need backend='triton'.")
+    from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
+    return block_sparse_attention_mgpu(q, k, v, mask, scale=scale, return_lse=return_lse)
+  return _block_sparse_attention_triton(q, k, v, mask, rule, scale=scale, return_lse=return_lse,
+                                        config=config, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "return_lse", "config", "interpret"))
+def _block_sparse_attention_triton(q, k, v, mask: BlockMask, rule: TokenBoxRule | None = None,
+                                   *, scale: float | None = None, return_lse: bool = False,
+                                   config: BlockSparseConfig = BlockSparseConfig(),
+                                   interpret: bool = False):
+  """Block-sparse attention (Pallas, Triton lowering).
 
   q [B, Lq, H, D]; k, v [B, Lk_buf, H, D] with Lk_buf >= mask.kv_len (keys past kv_len are
   ignored; a buffer already padded to a multiple of config.block_kv avoids a copy; its

@@ -48,6 +48,9 @@ class MosaicConfig:
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 2
+  # Launch order: query tiles of one head next to each other (that head's K/V stays in L2)
+  # or heads fastest (FA3's order).
+  q_tiles_fastest: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -332,8 +335,12 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
 
   out_type = [jax.ShapeDtypeStruct(qp.shape, dtype),
               jax.ShapeDtypeStruct((b, h, nq * tile_q), jnp.float32) if return_lse else None]
+  if config.q_tiles_fastest:
+    grid, names = (nq, h, b), ("q_seq", "heads", "batch")
+  else:
+    grid, names = (h, nq, b), ("heads", "q_seq", "batch")
   out, lse = plgpu.kernel(
-      entry, out_type=out_type, grid=(nq, h, b), grid_names=("q_seq", "heads", "batch"),
+      entry, out_type=out_type, grid=grid, grid_names=names,
       num_threads=_COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(qp, kp, vp, num, idx)

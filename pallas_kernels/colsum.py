@@ -102,7 +102,7 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
                            interpret: bool = False):
   """Dense attention output [B, Lq, H, D] (q.dtype) and column sums [B, H, G, Lk] f32.
 
-  dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp), "mgpu"
+  dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp), "mosaic"
   (our Hopper kernel, bf16/fp16 on an H100) or "cudnn" (jax.nn.dot_product_attention with
   return_residual; GPU only).
   """
@@ -114,8 +114,9 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
     dc = config.dense
     mask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=dc.block_q, block_kv=max(dc.block_kv, 128))
     out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True, config=dc,
+                                      backend="triton",
                                       interpret=interpret)
-  elif dense_impl == "mgpu":
+  elif dense_impl == "mosaic":
     from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
     out, lse = block_sparse_attention_mgpu(q, k, v, scale=scale, return_lse=True)
   elif dense_impl == "cudnn":
@@ -123,7 +124,7 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
                                                 return_residual=True)
     lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
   else:
-    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas', 'mgpu' or 'cudnn'.")
+    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas', 'mosaic' or 'cudnn'.")
   return out, column_sums(q, k, lse, group_size=group_size, scale=scale, config=config,
                           interpret=interpret)
 

@@ -79,19 +79,24 @@ def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, bloc
   carry = (jnp.zeros((bq, d), jnp.float32), jnp.full((bq,), _M_INIT, jnp.float32),
            jnp.zeros((bq,), jnp.float32))
 
-  def body(c, carry):
+  def body(c, carry, tail):
     start = pl.multiple_of(c * block_kv, block_kv)
     ids = jnp.clip(idx_ref[pl.ds(start, block_kv)], 0, kv_len - 1)
     k = k_ref[ids, :]
     v = v_ref[ids, :]
-    keep = ((start + jnp.arange(block_kv, dtype=jnp.int32)) < cnt)[None, :]
+    keep = ((start + jnp.arange(block_kv, dtype=jnp.int32)) < cnt)[None, :] if tail else None
     if exact:
       ylo, yhi, xlo, xhi = (kbox_ref[r, ids] for r in range(4))
-      keep = (keep & (ylo[None, :] <= qy[:, None]) & (qy[:, None] <= yhi[None, :])
-              & (xlo[None, :] <= qx[:, None]) & (qx[:, None] <= xhi[None, :]))
+      box = ((ylo[None, :] <= qy[:, None]) & (qy[:, None] <= yhi[None, :])
+             & (xlo[None, :] <= qx[:, None]) & (qx[:, None] <= xhi[None, :]))
+      keep = box if keep is None else keep & box
     return _online_softmax_step(q, k, v, carry, qk_scale, keep)
 
-  acc, _, l = lax.fori_loop(0, (cnt + block_kv - 1) // block_kv, body, carry)
+  # Whole chunks skip the count mask (a select per score); only the last partial chunk pays.
+  n_full = lax.div(cnt, jnp.int32(block_kv))
+  carry = lax.fori_loop(0, n_full, functools.partial(body, tail=False), carry)
+  acc, _, l = lax.fori_loop(n_full, lax.div(cnt + block_kv - 1, jnp.int32(block_kv)),
+                            functools.partial(body, tail=True), carry)
   ok = l > 0
   out = jnp.where(ok[:, None], acc / jnp.where(ok, l, 1.0)[:, None], 0.0)
   if has_residual:

@@ -12,7 +12,9 @@ gather at 20% of keys (scales 11, 12; groups of 192 queries), dense + column sum
 decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
 (the model's KV cache layout); cuDNN and Flex get the exact length.
 Times: JAX = median over 7 repeats of the mean of 20 back-to-back calls (host clock,
-synchronised); torch = triton.testing.do_bench median.
+synchronised); torch = median of 3 triton.testing.do_bench medians. Within each part, all
+kernels of one shape are timed round-robin (repeat r times every kernel once), so a GPU that
+slows down under sustained load slows them all alike; `spread` = (max - min) / median.
 """
 
 from __future__ import annotations
@@ -97,31 +99,55 @@ def jax_part(args):
     R["rows"].append(kw)
     log(json.dumps(kw))
 
+  pending = []
+
   def timed_row(fn, xs, flops=None, base=None, **kw):
-    """Time fn(*xs) and record a row; a kernel that fails is recorded and skipped."""
-    try:
-      t = timeit(fn, *xs)
-    except Exception as e:
-      kw["err"] = repr(e)[:400]
-      R["rows_failed"] = R.get("rows_failed", []) + [kw]
-      log("FAILED", json.dumps(kw))
-      return None
-    extra = dict(ms=t)
-    if flops is not None:
-      extra["tflops"] = flops / t / 1e9
-    if base is not None:
-      extra["vs_cudnn"] = base / t
-    row(**kw, **extra)
-    return t
+    """Queue fn(*xs) for this shape's interleaved timing round (`run_round`)."""
+    del base  # vs_cudnn comes from the round's own cuDNN row
+    pending.append((fn, xs, flops, kw))
+
+  def run_round(n=20, reps=7):
+    """Compile every queued kernel, then time them round-robin: each repeat runs every kernel
+    once (mean of n calls), so clock changes over the round (a GPU that throttles under
+    sustained load) hit all of them alike. Median over repeats; failures recorded."""
+    ok = []
+    for fn, xs, flops, kw in pending:
+      try:
+        jax.block_until_ready(fn(*xs))
+        ok.append((fn, xs, flops, kw))
+      except Exception as e:  # a kernel that fails is recorded and skipped
+        kw["err"] = repr(e)[:400]
+        R["rows_failed"] = R.get("rows_failed", []) + [kw]
+        log("FAILED", json.dumps(kw))
+    pending.clear()
+    ts = [[] for _ in ok]
+    for _ in range(reps):
+      for i, (fn, xs, _, _) in enumerate(ok):
+        t = time.perf_counter()
+        for _ in range(n):
+          r = fn(*xs)
+        jax.block_until_ready(r)
+        ts[i].append((time.perf_counter() - t) / n * 1e3)
+    base = [float(np.median(t)) for t, (_, _, _, kw) in zip(ts, ok)
+            if kw["impl"] == "jax_cudnn" and kw["mask"] == "dense"]
+    for t, (_, _, flops, kw) in zip(ts, ok):
+      ms = float(np.median(t))
+      extra = dict(ms=ms, spread=float((max(t) - min(t)) / ms))
+      if flops is not None:
+        extra["tflops"] = flops / ms / 1e9
+      if base:
+        extra["vs_cudnn"] = base[0] / ms
+      row(**kw, **extra)
 
   def bs_fn(m, rule, cfg):
-    return jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, rule, config=cfg,
+    return jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, rule, config=cfg, backend="triton",
                                                           interpret=interp))
 
   cudnn = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation=dense_impl))
   # Hopper kernel (Mosaic GPU): only where it compiles (an sm_90 GPU).
   use_mgpu = (not interp) and not args.no_mgpu
-  mgpu_dense_cfgs = [MosaicConfig(64, 128, 2), MosaicConfig(64, 64, 4)]
+  mgpu_dense_cfgs = [MosaicConfig(64, 128, 2), MosaicConfig(64, 64, 4),
+                     MosaicConfig(64, 128, 2, q_tiles_fastest=False)]
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -174,9 +200,10 @@ def jax_part(args):
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
       if use_mgpu:
         for mcfg in mgpu_dense_cfgs:
+          name = "ours_mgpu" if mcfg == MosaicConfig() else (
+              f"ours_mgpu_kv{mcfg.block_kv}" if mcfg.q_tiles_fastest else "ours_mgpu_hfirst")
           timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, t_cudnn, heads=heads,
-                    scale=scale, impl="ours_mgpu" + ("" if mcfg == MosaicConfig() else
-                                                     f"_kv{mcfg.block_kv}"),
+                    scale=scale, impl=name,
                     mask="dense", frac=1.0, config=str(mcfg))
       rule = csla.csla_rule(scale)
       masks_out[f"rule_q_{scale}"] = np.asarray(rule.q_yx_2Q)
@@ -251,7 +278,7 @@ def jax_part(args):
         if not interp:
           ccfgs += [ColsumConfig(64, 128, 8, 2), ColsumConfig(64, 64, 4, 3),
                     ColsumConfig(64, 128, 4, 3)]
-        impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mgpu",) if use_mgpu else ())
+        impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mosaic",) if use_mgpu else ())
         for impl in impls:
           for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
             ccfg = dataclasses.replace(ccfg, dense=cfg_of["dense"])
@@ -261,6 +288,7 @@ def jax_part(args):
             timed_row(f, (q, k, v), None, t_cudnn, heads=heads, scale=scale,
                       impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0,
                       config=f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
+      run_round()
       del q, k, v, kb, vb
   np.savez(os.path.join(args.out, "masks.npz"), **masks_out)
   jax.clear_caches()
@@ -286,7 +314,7 @@ def torch_part(args):
   if dev == "cuda":
     from triton.testing import do_bench
     flex = torch.compile(flex_attention, dynamic=False)
-    bench = lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median")
+    bench = lambda fn: do_bench(fn, warmup=10, rep=40, return_mode="median")
   else:  # --dry-run: eager flex, one timed call
     flex = flex_attention
     def bench(fn):
@@ -326,16 +354,16 @@ def torch_part(args):
       q, k, v = (torch.randn(B, heads, n, D, device=dev, dtype=torch.bfloat16, generator=g)
                  for n in (lq, lk, lk))
       dense_flops = 4.0 * B * heads * lq * lk * D
-      with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if dev == "cuda" else SDPBackend.MATH):
-        t_cudnn = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-      row(heads=heads, scale=scale, impl="torch_cudnn", mask="dense", ms=t_cudnn,
-          tflops=dense_flops / t_cudnn / 1e9, frac=1.0)
-      t = bench(lambda: flex(q, k, v))
-      row(heads=heads, scale=scale, impl="flex", mask="dense", ms=t, tflops=dense_flops / t / 1e9,
-          frac=1.0)
+      queue = []  # (impl, mask, fn, flops): timed round-robin below, like the JAX part
+
+      def cudnn_sdpa():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION if dev == "cuda" else SDPBackend.MATH):
+          return F.scaled_dot_product_attention(q, k, v)
+
+      queue.append(("torch_cudnn", "dense", cudnn_sdpa, dense_flops))
+      queue.append(("flex", "dense", lambda: flex(q, k, v), dense_flops))
       bm = from_types(masks[f"csla_{scale}"], lq, lk, heads)
-      t = bench(lambda: flex(q, k, v, block_mask=bm))
-      row(heads=heads, scale=scale, impl="flex", mask="csla128_block", ms=t)
+      queue.append(("flex", "csla128_block", lambda: flex(q, k, v, block_mask=bm), None))
       qyx = torch.tensor(masks[f"rule_q_{scale}"], device=dev)
       kbox = torch.tensor(masks[f"rule_k_{scale}"], device=dev)
       qy, qx = qyx[0].contiguous(), qyx[1].contiguous()
@@ -347,14 +375,24 @@ def torch_part(args):
 
       bme = create_block_mask(exact_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=dev,
                               BLOCK_SIZE=128)
-      t = bench(lambda: flex(q, k, v, block_mask=bme))
-      row(heads=heads, scale=scale, impl="flex", mask="csla128_exact", ms=t)
+      queue.append(("flex", "csla128_exact", lambda: flex(q, k, v, block_mask=bme), None))
       if scale == last:
         for dens in DENSITIES:
           types = masks[f"rand_{heads}_{int(dens * 100)}"]
           bmr = from_types(types, lq, lk, heads)
-          t = bench(lambda: flex(q, k, v, block_mask=bmr))
-          row(heads=heads, scale=scale, impl="flex", mask=f"random{int(dens * 100)}", ms=t)
+          queue.append(("flex", f"random{int(dens * 100)}",
+                        lambda bmr=bmr: flex(q, k, v, block_mask=bmr), None))
+      ts = [[] for _ in queue]
+      for _ in range(3):
+        for i, (_, _, fn, _) in enumerate(queue):
+          ts[i].append(bench(fn))
+      for t, (impl, mk, _, flops) in zip(ts, queue):
+        ms = float(np.median(t))
+        rec = dict(heads=heads, scale=scale, impl=impl, mask=mk, ms=ms,
+                   spread=float((max(t) - min(t)) / ms))
+        if flops:
+          rec.update(tflops=flops / ms / 1e9, frac=1.0)
+        row(**rec)
       del q, k, v
       if dev == "cuda":
         torch.cuda.empty_cache()

@@ -51,6 +51,12 @@ _MODELS = {
 }
 
 
+def _clocks() -> str:
+  """SM clock, power and throttle state: sustained runs on a power-capped card slow down."""
+  return _run(["nvidia-smi", "--query-gpu=clocks.sm,clocks.max.sm,power.draw,power.limit,"
+               "temperature.gpu,clocks_throttle_reasons.active", "--format=csv,noheader"])
+
+
 def _last_json(text: str) -> dict | None:
   for line in reversed(text.strip().splitlines()):
     line = line.strip()
@@ -123,7 +129,7 @@ def main():
              kind=jax.devices()[0].device_kind,
              commit=os.environ.get("SPARVAR_COMMIT") or _run(["git", "-C", ROOT, "rev-parse",
                                                               "--short", "HEAD"]),
-             nvidia_smi=_run(["nvidia-smi", "-L"]))
+             nvidia_smi=_run(["nvidia-smi", "-L"]), clocks_start=_clocks())
   print(json.dumps(env), flush=True)
   results = []
   if not args.skip_checks:
@@ -172,6 +178,7 @@ def main():
       errs = "; ".join(f"{w}: {r[w]['error'][:120]}" for w in ("ours", "official")
                        if isinstance(r.get(w), dict) and "error" in r[w])
       print(f"{r['label']:<34} official {fmt(t_off):>8}  ours {fmt(t_ours):>8}  {sp:>7}  {errs}")
+  print(f"clocks at start: {env['clocks_start']}; at end: {_clocks()}")
   print(f"total {time.time() - t0:.0f} s; commit {env['commit']}; {env['kind']}")
 
 

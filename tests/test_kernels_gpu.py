@@ -76,7 +76,8 @@ def check_csla(query_scale=10, heads=4, d=128, exact=False, dtype=jnp.bfloat16, 
   q, k, v = _qkv(rng, 2, rule.q_len, lk_pad, heads, d, dtype)
   use = rule if exact else None
   cfg = BlockSparseConfig(block_q=min(block, 128), block_kv=64)
-  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, use, return_lse=True, config=cfg))
+  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, use, return_lse=True, config=cfg,
+                                                      backend="triton"))
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, use, return_lse=True)
   err = max(_rel(out, ref), _rel(lse, ref_lse))
@@ -91,7 +92,8 @@ def check_random_mask_empty_rows(d=128, dtype=jnp.bfloat16):
   types[0, 1, 5] = 0  # query block 5 of head 1 sees nothing
   m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
   q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
-  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, return_lse=True))
+  f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, return_lse=True,
+                                                      backend="triton"))
   out, lse = _poisoned(f, q, k, v)
   ref = block_sparse_attention_reference(q, k, v, m)
   empty = out[:, 640:768, 1]
@@ -214,7 +216,22 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16):
                  max(_rel(out, ref), err_lse), out)
 
 
+def check_auto_backend_picks_mosaic():
+  """On an H100, backend='auto' runs block-granular 128x128 masks on the Hopper kernel."""
+  from pallas_kernels.block_sparse import choose_backend
+  rng = _rng()
+  m = csla.csla_block_mask(11, 128, 128)
+  q, k, v = _qkv(rng, 1, m.q_len, m.kv_len, 2, 128, jnp.bfloat16)
+  chosen = choose_backend(q, m, None, "auto")
+  assert chosen == "mosaic", f"auto chose {chosen} on {jax.devices()[0].device_kind}"
+  out = block_sparse_attention(q, k, v, m)
+  ref = block_sparse_attention_reference(q, k, v, m)
+  return _finish("auto backend -> mosaic, csla s11", _rel(out, ref), out)
+
+
 CHECKS = [
+    ("auto_backend_mosaic", check_auto_backend_picks_mosaic),
+    ("colsum_mosaic", lambda: check_colsum("mosaic")),
     ("mgpu_dense", check_mgpu_dense),
     ("mgpu_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
         lq=1000, lk=3001, d=64, dtype=jnp.float16,
