@@ -51,6 +51,10 @@ class MosaicConfig:
   # Launch order: query tiles of one head next to each other (that head's K/V stays in L2)
   # or heads fastest (FA3's order).
   q_tiles_fastest: bool = True
+  # One CTA per SM looping over tiles (K/V ring and Q double buffer carry across tiles);
+  # num_ctas None = the device's SM count.
+  persistent: bool = False
+  num_ctas: int | None = None
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -67,12 +71,24 @@ class MosaicConfig:
     return _COMPUTE_WGS * self.block_q
 
   def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
-    q = _COMPUTE_WGS * self.block_q * head_dim * itemsize
+    bufs = 2 if self.persistent else 1
+    q = bufs * _COMPUTE_WGS * self.block_q * head_dim * itemsize
     kv = 2 * self.max_concurrent_steps * self.block_kv * head_dim * itemsize
-    return q + kv + _COMPUTE_WGS * self.block_q * 4
+    return q + kv + bufs * _COMPUTE_WGS * self.block_q * 4
 
 
 _SMEM_LIMIT = 227 * 1024  # H100 shared memory per CTA
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+    n = getattr(dev, "core_count", None)
+    if dev.platform == "gpu" and n:
+      return int(n)
+  except RuntimeError:
+    pass
+  return 132  # H100 SXM (also used when lowering for CUDA on a CPU host)
 
 
 def supports(q, mask: BlockMask | None, config: MosaicConfig = MosaicConfig()) -> str | None:
@@ -107,145 +123,265 @@ def visit_lists(mask: BlockMask):
   return num, both
 
 
-def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref, scoped, *, dtype,
-            block_q, block_kv, head_dim, steps_ring, qk_scale2, kv_len, num_kv_blocks, dense,
-            sel_b, sel_h):
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Compile-time facts shared by the kernel pieces."""
+  dtype: object
+  block_q: int
+  block_kv: int
+  head_dim: int
+  ring: int  # K/V slots in shared memory
+  qk_scale2: float  # softmax scale * log2(e)
+  kv_len: int
+  num_kv_blocks: int
+  dense: bool
+  sel_b: bool
+  sel_h: bool
+  return_lse: bool
 
-  qi = lax.axis_index("q_seq")
-  hi = lax.axis_index("heads")
-  bi = lax.axis_index("batch")
-  wg = lax.axis_index("wg")
-  smem, (k_ready, v_ready, q_ready), (k_free, v_free), schedule = scoped
-  qo_smem2, k_smem, v_smem, lse_smem2 = smem
 
-  # The step count is always read from memory: a compile-time trip count makes Mosaic GPU
-  # (jax 0.11.2) emit the loops differently and fail on a captured constant.
-  if dense:
+def _schedule(st: _Static, num_ref, idx_ref, qi, hi, bi):
+  """(step count, step -> key block, 1 if the last step is the block cut by kv_len)."""
+  if st.dense:
+    # The count is read from memory even here: a compile-time trip count makes Mosaic GPU
+    # (jax 0.11.2) emit the loops differently and fail on a captured constant.
     total = num_ref[0, 0, 0]
     block_at = lambda step: step
   else:
-    mb, mh = (bi if sel_b else 0), (hi if sel_h else 0)
+    mb, mh = (bi if st.sel_b else 0), (hi if st.sel_h else 0)
     total = num_ref[mb, mh, qi]
     block_at = lambda step: idx_ref[mb, mh, qi, step]
-  # Only the block holding kv_len is cut; the list is ascending, so it can only be last.
-  tail_cut = kv_len % block_kv != 0
-  if tail_cut:
+  if st.kv_len % st.block_kv:
+    # Lists are ascending, so the cut block can only come last.
     last = jnp.maximum(total - 1, 0)
-    has_tail = ((total > 0) & (block_at(last) == num_kv_blocks - 1)).astype(jnp.int32)
+    has_tail = ((total > 0) & (block_at(last) == st.num_kv_blocks - 1)).astype(jnp.int32)
   else:
     has_tail = jnp.int32(0)
+  return total, block_at, has_tail
+
+
+def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg):
+  """One compute warpgroup's 64 query rows over `total` streamed K/V steps; the ring slot of
+  step s is (g0 + s) % ring. Returns the unnormalised (acc, m, l)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  k_ready, v_ready, k_free, v_free, schedule = barriers
+  bq, bk, d = st.block_q, st.block_kv, st.head_dim
+  ring = jnp.int32(st.ring)
 
   def schedule_barrier():
     plgpu.barrier_arrive(schedule)
     plgpu.barrier_wait(schedule)
 
+  m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+  acc = plgpu.layout_cast(jnp.full((bq, d), 0, jnp.float32), plgpu.Layout.WGMMA)
+
+  @pl.when(total > 0)
+  def _():
+    plgpu.barrier_wait(k_ready.at[lax.rem(g0, ring)])
+
+  # FA3 ping-pong: warpgroup 1 starts one phase late, so one runs softmax while the other
+  # holds the tensor cores; warpgroup 0 pays the phase back at the end.
+  pl.when(wg == 1)(schedule_barrier)
+
+  def step_body(step, carry, cut):
+    acc, m_i, l_i = carry
+    slot = lax.rem(g0 + step, ring)
+
+    def qk_scope(s_ref):
+      plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+      schedule_barrier()
+      return s_ref[...]
+
+    s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bk), jnp.float32))
+    plgpu.barrier_arrive(k_free.at[slot])
+    if cut:  # keys past kv_len in the last block
+      cols = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
+      s = jnp.where(cols < st.kv_len - (st.num_kv_blocks - 1) * bk, s, -jnp.inf)
+    # Running max kept in scaled log2 units so p = exp2(s * c - m) is one FMA + exp2.
+    m_new = jnp.maximum(m_i, s.max(axis=1) * st.qk_scale2)
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s * st.qk_scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+    l_i = l_i * alpha
+    p16 = p.astype(st.dtype)
+    if d <= 128:
+      l_i = l_i + p.sum(axis=1)
+      acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)
+    else:
+      plgpu.barrier_arrive(schedule)
+      plgpu.barrier_wait(v_ready.at[slot])
+      plgpu.barrier_wait(schedule)
+      l_i = l_i + p.sum(axis=1)
+
+    def pv_scope(acc_ref):
+      plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+      nxt = step + 1
+
+      @pl.when(nxt < total)
+      def _():
+        plgpu.barrier_wait(k_ready.at[lax.rem(g0 + nxt, ring)])
+
+    acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
+    plgpu.barrier_arrive(v_free.at[slot])
+    return acc, m_new, l_i
+
+  carry = (acc, m_i, l_i)
+  carry = lax.fori_loop(0, total - has_tail, functools.partial(step_body, cut=False), carry)
+  if st.kv_len % st.block_kv:
+    carry = lax.fori_loop(total - has_tail, total, functools.partial(step_body, cut=True), carry)
+  pl.when(wg == 0)(schedule_barrier)
+  return carry
+
+
+def _store(st: _Static, carry, o_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base):
+  """Normalise and start the TMA stores (the caller waits). Empty rows (acc = 0, l = 0) give
+  output 0 and log-sum-exp -inf."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  acc, m_i, l_i = carry
+  inv = 1.0 / jnp.maximum(l_i, jnp.float32(1e-30))
+  o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(st.dtype)
+  if st.return_lse:
+    lse_smem[...] = (m_i + jnp.log2(l_i)) * LN2
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(q_base, st.block_q), hi])
+  if st.return_lse:
+    plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, st.block_q)])
+
+
+def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at, g0, bi, hi):
+  """Memory warpgroup: stream the visited K/V blocks of one tile into the ring (global steps
+  g0 .. g0 + total - 1), waiting for a slot's previous user to release it."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  k_ready, v_ready, k_free, v_free = barriers
+  ring = jnp.int32(st.ring)
+
+  def step(s, g):
+    slot = lax.rem(g, ring)
+    rows = pl.ds(block_at(s) * st.block_kv, st.block_kv)
+
+    @pl.when(g >= ring)
+    def _():
+      plgpu.barrier_wait(k_free.at[slot])
+
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
+
+    @pl.when(g >= ring)
+    def _():
+      plgpu.barrier_wait(v_free.at[slot])
+
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
+    return g + 1
+
+  return lax.fori_loop(0, total, step, g0)
+
+
+def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref, scoped, *, st: _Static):
+  """One CTA per (128-query tile, head, batch)."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  qi, hi, bi = lax.axis_index("q_seq"), lax.axis_index("heads"), lax.axis_index("batch")
+  wg = lax.axis_index("wg")
+  smem, (k_ready, v_ready, q_ready), (k_free, v_free), _, schedule = scoped
+  q_smem4, k_smem, v_smem, lse_smem4 = smem
+  total, block_at, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
+
   @pl.when(wg < _COMPUTE_WGS)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
-    qo_smem = qo_smem2.at[wg]
-    q_base = qi * (_COMPUTE_WGS * block_q) + wg * block_q
-    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, block_q), hi], qo_smem, q_ready.at[wg])
+    q_smem = q_smem4.at[0, wg]
+    q_base = qi * (_COMPUTE_WGS * st.block_q) + wg * st.block_q
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, st.block_q), hi], q_smem, q_ready.at[wg])
     plgpu.barrier_wait(q_ready.at[wg])
+    carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
+                    total, has_tail, total - total, wg)
+    lse_smem = lse_smem4.at[0, wg] if st.return_lse else None
+    _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base)
+    plgpu.wait_smem_to_gmem(0)
 
-    m_i = plgpu.layout_cast(jnp.full((block_q,), -jnp.inf, jnp.float32),
-                            plgpu.Layout.WGMMA.reduce(1))
-    l_i = plgpu.layout_cast(jnp.full((block_q,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-    acc = plgpu.layout_cast(jnp.full((block_q, head_dim), 0, jnp.float32), plgpu.Layout.WGMMA)
+  @pl.when(wg == _COMPUTE_WGS)
+  def _memory():
+    plgpu.set_max_registers(40, action="decrease")
+    # Runtime zero, not a literal: loop carries and bounds stay traced values (jax 0.11.2's
+    # Mosaic GPU lowering failed on a captured constant in a loop).
+    _fetch(st, k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), total,
+           block_at, total - total, bi, hi)
 
-    @pl.when(total > 0)
-    def _():
-      plgpu.barrier_wait(k_ready.at[0])
 
-    pl.when(wg == 1)(schedule_barrier)
+def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref, scoped, *,
+                       st: _Static, num_q_tiles, num_heads, num_tiles, num_ctas):
+  """One CTA per SM walking tiles c, c + num_ctas, ...; the K/V ring runs on across tiles, so
+  the next tile's first blocks load while this one finishes (short lists stop paying a
+  pipeline fill and drain each). Q is double-buffered; a tile's output goes out through its
+  own Q buffer, which the memory warpgroup refills two tiles later."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    def step_body(step, carry, cut):
-      acc, m_i, l_i = carry
-      slot = lax.rem(step, jnp.int32(steps_ring))
+  cta = lax.axis_index("sm")
+  wg = lax.axis_index("wg")
+  smem, (k_ready, v_ready, q_ready), (k_free, v_free), q_free, schedule = scoped
+  q_smem4, k_smem, v_smem, lse_smem4 = smem
+  my_tiles = lax.div(jnp.int32(num_tiles) - cta + jnp.int32(num_ctas - 1), jnp.int32(num_ctas))
+  tile_q = _COMPUTE_WGS * st.block_q
 
-      def qk_scope(s_ref):
-        plgpu.wgmma(s_ref, qo_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-        schedule_barrier()
-        return s_ref[...]
+  def coords(i):
+    t = cta + i * jnp.int32(num_ctas)
+    qi = lax.rem(t, jnp.int32(num_q_tiles))
+    rest = lax.div(t, jnp.int32(num_q_tiles))
+    return qi, lax.rem(rest, jnp.int32(num_heads)), lax.div(rest, jnp.int32(num_heads))
 
-      s = pl.run_scoped(qk_scope, plgpu.ACC((block_q, block_kv), jnp.float32))
-      plgpu.barrier_arrive(k_free.at[slot])
-      if cut:  # keys past kv_len in the last block
-        cols = plgpu.broadcasted_iota(jnp.int32, (block_q, block_kv), 1,
-                                      layout=plgpu.Layout.WGMMA)
-        s = jnp.where(cols < kv_len - (num_kv_blocks - 1) * block_kv, s, -jnp.inf)
-      # Running max kept in scaled log2 units so p = exp2(s * c - m) is one FMA + exp2.
-      m_new = jnp.maximum(m_i, s.max(axis=1) * qk_scale2)
-      alpha = jnp.exp2(m_i - m_new)
-      p = jnp.exp2(s * qk_scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
-      acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-      l_i = l_i * alpha
-      p16 = p.astype(dtype)
-      if head_dim <= 128:
-        l_i = l_i + p.sum(axis=1)
-        acc, l_i, m_new, p16 = lax.optimization_barrier((acc, l_i, m_new, p16))
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_wait(schedule)
-      else:
-        plgpu.barrier_arrive(schedule)
-        plgpu.barrier_wait(v_ready.at[slot])
-        plgpu.barrier_wait(schedule)
-        l_i = l_i + p.sum(axis=1)
+  @pl.when(wg < _COMPUTE_WGS)
+  def _compute():
+    plgpu.set_max_registers(232, action="increase")
 
-      def pv_scope(acc_ref):
-        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
-        nxt = step + 1
+    def tile(i, g0):
+      qi, hi, bi = coords(i)
+      buf = lax.rem(i, jnp.int32(2))
+      q_smem = q_smem4.at[buf, wg]
+      plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
+      total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
+      carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
+                      total, has_tail, g0, wg)
+      lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
+      _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
+             qi * tile_q + wg * st.block_q)
+      # The buffer is free once the store has read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
+      return g0 + total
 
-        @pl.when(nxt < total)
-        def _():
-          plgpu.barrier_wait(k_ready.at[lax.rem(nxt, jnp.int32(steps_ring))])
-
-      acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
-      plgpu.barrier_arrive(v_free.at[slot])
-      return acc, m_new, l_i
-
-    carry = (acc, m_i, l_i)
-    carry = lax.fori_loop(0, total - has_tail, functools.partial(step_body, cut=False), carry)
-    if tail_cut:
-      carry = lax.fori_loop(total - has_tail, total, functools.partial(step_body, cut=True),
-                            carry)
-    acc, m_i, l_i = carry
-    pl.when(wg == 0)(schedule_barrier)
-
-    # Empty rows (no visited block): acc = 0 and l = 0 -> output 0, lse -inf.
-    inv = 1.0 / jnp.maximum(l_i, jnp.float32(1e-30))
-    acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-    qo_smem[...] = acc.astype(dtype)
-    if lse_smem2 is not None:
-      lse_smem2.at[wg][...] = (m_i + jnp.log2(l_i)) * LN2
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q_base, block_q), hi])
-    if lse_smem2 is not None:
-      plgpu.copy_smem_to_gmem(lse_smem2.at[wg], lse_ref.at[bi, hi, pl.ds(q_base, block_q)])
+    lax.fori_loop(0, my_tiles, tile, cta - cta)
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    def fetch(step, slot):
-      rows = pl.ds(block_at(step) * block_kv, block_kv)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
+    def tile(i, g0):
+      qi, hi, bi = coords(i)
+      buf = lax.rem(i, jnp.int32(2))
+      for w in range(_COMPUTE_WGS):
+        @pl.when(i >= 2)
+        def _():
+          plgpu.barrier_wait(q_free.at[buf * 2 + w])
 
-    for i in range(steps_ring):
-      pl.when(i < total)(functools.partial(fetch, jnp.int32(i), i))
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * tile_q + w * st.block_q, st.block_q), hi],
+                                q_smem4.at[buf, w], q_ready.at[buf * 2 + w])
+      total, block_at, _ = _schedule(st, num_ref, idx_ref, qi, hi, bi)
+      return _fetch(st, k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), total,
+                    block_at, g0, bi, hi)
 
-    @pl.loop(0, jnp.maximum(total - steps_ring, 0))
-    def _(step):
-      slot = lax.rem(step, jnp.int32(steps_ring))
-      rows = pl.ds(block_at(step + steps_ring) * block_kv, block_kv)
-      plgpu.barrier_wait(k_free.at[slot])
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_ready.at[slot])
-      plgpu.barrier_wait(v_free.at[slot])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
+    lax.fori_loop(0, my_tiles, tile, cta - cta)
 
 
 def _pad_axis(x, axis, size):
@@ -308,37 +444,47 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
     if bm not in (1, b) or hm not in (1, h):
       raise ValueError(f"mask batch/head dims {(bm, hm)} must be 1 or match q's {(b, h)}.")
     sel_b, sel_h = bm > 1, hm > 1
-  steps_ring = config.max_concurrent_steps
+  ring = config.max_concurrent_steps
   dtype = q.dtype
-  kernel = functools.partial(
-      _kernel, dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, steps_ring=steps_ring,
-      qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
-      num_kv_blocks=nk, dense=mask is None, sel_b=sel_b, sel_h=sel_h)
+  st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
+               qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
+               num_kv_blocks=nk, dense=mask is None, sel_b=sel_b, sel_h=sel_h,
+               return_lse=return_lse)
+  num_tiles = nq * h * b
+  if config.persistent:
+    num_ctas = min(num_tiles, config.num_ctas or _num_sms())
+    kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h,
+                               num_tiles=num_tiles, num_ctas=num_ctas)
+    grid, names = (num_ctas,), ("sm",)
+  else:
+    kernel = functools.partial(_kernel, st=st)
+    if config.q_tiles_fastest:
+      grid, names = (nq, h, b), ("q_seq", "heads", "batch")
+    else:
+      grid, names = (h, nq, b), ("heads", "q_seq", "batch")
+  q_bufs = 2 if config.persistent else 1
 
   def entry(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref):
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tiles),
-        plgpu.SMEM((steps_ring, bk, d), dtype, transforms=tiles),
-        plgpu.SMEM((steps_ring, bk, d), dtype, transforms=tiles),
-        plgpu.SMEM((_COMPUTE_WGS, bq), jnp.float32) if return_lse else None,
+        plgpu.SMEM((q_bufs, _COMPUTE_WGS, bq, d), dtype, transforms=tiles),
+        plgpu.SMEM((ring, bk, d), dtype, transforms=tiles),
+        plgpu.SMEM((ring, bk, d), dtype, transforms=tiles),
+        plgpu.SMEM((q_bufs, _COMPUTE_WGS, bq), jnp.float32) if return_lse else None,
     ]
     pl.run_scoped(
         lambda *sc: kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, out_ref, lse_ref, sc),
         scratch,
-        (plgpu.Barrier(num_barriers=steps_ring), plgpu.Barrier(num_barriers=steps_ring),
-         plgpu.Barrier(num_barriers=_COMPUTE_WGS)),
-        (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=steps_ring),) * 2,
+        (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
+         plgpu.Barrier(num_barriers=q_bufs * _COMPUTE_WGS)),
+        (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2,
+        plgpu.Barrier(num_barriers=q_bufs * _COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
         collective_axes="wg",
     )
 
   out_type = [jax.ShapeDtypeStruct(qp.shape, dtype),
               jax.ShapeDtypeStruct((b, h, nq * tile_q), jnp.float32) if return_lse else None]
-  if config.q_tiles_fastest:
-    grid, names = (nq, h, b), ("q_seq", "heads", "batch")
-  else:
-    grid, names = (h, nq, b), ("heads", "q_seq", "batch")
   out, lse = plgpu.kernel(
       entry, out_type=out_type, grid=grid, grid_names=names,
       num_threads=_COMPUTE_WGS + 1, thread_name="wg",

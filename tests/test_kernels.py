@@ -279,14 +279,16 @@ def test_csla_attention_variants_agree_in_exact_mode():
 # shape checks) and fails on anything the backend cannot express. Numbers are GPU-checked.
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("lq,lk_buf,kv_len,d,dtype,kv,steps,masked", [
     (4096, 10624, 10521, 128, jnp.bfloat16, 128, 2, False),
     (300, 1000, 999, 128, jnp.bfloat16, 128, 2, True),
     (1000, 3072, 3001, 64, jnp.float16, 64, 4, True),
 ])
-def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, masked):
+def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, masked,
+                                     persistent):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
-  cfg = MosaicConfig(block_kv=kv, max_concurrent_steps=steps)
+  cfg = MosaicConfig(block_kv=kv, max_concurrent_steps=steps, persistent=persistent)
   b, h = 2, 3
   m = None
   if masked:

@@ -27,6 +27,7 @@ except ImportError:  # gpu_check.py runs these without pytest
   pytest = None
 
 TOL = 1e-2
+_PERSISTENT = MosaicConfig(persistent=True)
 _SEED = [int(np.random.SeedSequence().entropy % (2 ** 31))]
 
 
@@ -179,23 +180,26 @@ def check_mgpu_dense(lq=4096, lk=10521, heads=2, d=128, dtype=jnp.bfloat16,
   out, lse = _poisoned(f, q, k, v)
   m = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
-  return _finish(f"mgpu dense {lq}x{lk} D{d} {jnp.dtype(dtype).name} kv{config.block_kv}",
+  return _finish(f"mgpu dense {lq}x{lk} D{d} {jnp.dtype(dtype).name} kv{config.block_kv}"
+                 f"{' persistent' if config.persistent else ''}",
                  max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
 
 
-def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16):
+def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16, config=MosaicConfig()):
   rng = _rng()
   m = csla.csla_block_mask(query_scale, 128, 128)
   lk_pad = -(-m.kv_len // 128) * 128
   q, k, v = _qkv(rng, 2, m.q_len, lk_pad, heads, d, dtype)
-  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True))
+  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True,
+                                                          config=config))
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
-  return _finish(f"mgpu csla s{query_scale} block D{d} {jnp.dtype(dtype).name}",
+  return _finish(f"mgpu csla s{query_scale} block D{d} {jnp.dtype(dtype).name}"
+                 f"{' persistent' if config.persistent else ''}",
                  max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
 
 
-def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16):
+def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig()):
   """Per-(batch, head) random masks, an empty query block, odd Lq, kv_len cut."""
   rng = _rng()
   b, lq, lk, h = 2, 1000, 3001, 3
@@ -205,14 +209,16 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16):
   types[1, 2, 3] = 0  # query block 3 of (batch 1, head 2) sees nothing
   m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
   q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
-  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True))
+  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True,
+                                                          config=config))
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
   assert bool((out[1, 384:512, 2] == 0).all()), "empty rows must be zeros"
   assert bool((lse[1, 2, 384:512] == -jnp.inf).all()), "empty rows must have lse -inf"
   fin = jnp.isfinite(ref_lse)
   err_lse = _rel(jnp.where(fin, lse, 0), jnp.where(fin, ref_lse, 0))
-  return _finish(f"mgpu random 30% per-(b,h) + empty rows D{d}",
+  return _finish(f"mgpu random 30% per-(b,h) + empty rows D{d}"
+                 f"{' persistent' if config.persistent else ''}",
                  max(_rel(out, ref), err_lse), out)
 
 
@@ -239,6 +245,14 @@ CHECKS = [
     ("mgpu_csla_s12", check_mgpu_csla),
     ("mgpu_csla_s10_d64", lambda: check_mgpu_csla(10, d=64)),
     ("mgpu_random_empty_rows", check_mgpu_random_empty_rows),
+    ("mgpu_p_random_empty_rows", lambda: check_mgpu_random_empty_rows(config=_PERSISTENT)),
+    ("mgpu_p_dense", lambda: check_mgpu_dense(config=_PERSISTENT)),
+    ("mgpu_p_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
+        lq=1000, lk=3001, d=64, dtype=jnp.float16,
+        config=MosaicConfig(block_kv=64, max_concurrent_steps=4, persistent=True))),
+    ("mgpu_p_csla_s12", lambda: check_mgpu_csla(config=_PERSISTENT)),
+    ("mgpu_p_few_ctas", lambda: check_mgpu_random_empty_rows(
+        config=MosaicConfig(persistent=True, num_ctas=5))),
     ("csla_tiles_s12", check_csla_tiles),
     ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
