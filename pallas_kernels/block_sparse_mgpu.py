@@ -168,7 +168,9 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
   k_ready, v_ready, k_free, v_free, schedule = barriers
   bq, bk, d = st.block_q, st.block_kv, st.head_dim
-  ring = jnp.int32(st.ring)
+  # Constants are made where they are used: a jnp constant captured by a loop body fails
+  # jax 0.11.2's Mosaic GPU lowering ("Shaped arrays must be represented by ir.Values").
+  ring = lambda: jnp.int32(st.ring)
 
   def schedule_barrier():
     plgpu.barrier_arrive(schedule)
@@ -180,7 +182,7 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
   @pl.when(total > 0)
   def _():
-    plgpu.barrier_wait(k_ready.at[lax.rem(g0, ring)])
+    plgpu.barrier_wait(k_ready.at[lax.rem(g0, ring())])
 
   # FA3 ping-pong: warpgroup 1 starts one phase late, so one runs softmax while the other
   # holds the tensor cores; warpgroup 0 pays the phase back at the end.
@@ -188,7 +190,7 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
   def step_body(step, carry, cut):
     acc, m_i, l_i = carry
-    slot = lax.rem(g0 + step, ring)
+    slot = lax.rem(g0 + step, ring())
 
     def qk_scope(s_ref):
       plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
@@ -225,7 +227,7 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
       @pl.when(nxt < total)
       def _():
-        plgpu.barrier_wait(k_ready.at[lax.rem(g0 + nxt, ring)])
+        plgpu.barrier_wait(k_ready.at[lax.rem(g0 + nxt, ring())])
 
     acc = pl.run_state(pv_scope)(plgpu.ACC.init(acc))
     plgpu.barrier_arrive(v_free.at[slot])
@@ -263,9 +265,9 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   k_ready, v_ready, k_free, v_free = barriers
-  ring = jnp.int32(st.ring)
 
   def step(s, g):
+    ring = jnp.int32(st.ring)  # made inside the loop body (see _attend)
     slot = lax.rem(g, ring)
     rows = pl.ds(block_at(s) * st.block_kv, st.block_kv)
 

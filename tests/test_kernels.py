@@ -325,3 +325,42 @@ def test_mgpu_visit_lists_merge_sort_and_refuse_bad_shapes():
     block_sparse_attention_mgpu(q, k, k, kv_len=700)
   with pytest.raises(ValueError, match="block_q=128"):
     MosaicConfig(block_q=128)
+
+
+def _array_literals_captured_by_loops(jaxpr, path=""):
+  """(loop path, literal type) for every array-valued literal a while loop captures."""
+  found = []
+  for eqn in jaxpr.eqns:
+    name = f"{path}/{eqn.primitive.name}"
+    if eqn.primitive.name == "while":
+      n = eqn.params["cond_nconsts"] + eqn.params["body_nconsts"]
+      for x in eqn.invars[:n]:
+        val = getattr(x, "val", None)
+        if val is not None and "ndarray" in type(val).__name__.lower():
+          found.append((name, type(val).__name__))
+    for p in eqn.params.values():
+      for sub in (p if isinstance(p, (tuple, list)) else [p]):
+        if hasattr(sub, "eqns"):
+          found += _array_literals_captured_by_loops(sub, name)
+        elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+          found += _array_literals_captured_by_loops(sub.jaxpr, name)
+  return found
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_mgpu_kernel_loops_capture_no_array_constants(persistent, masked):
+  """jax 0.11.2's Mosaic GPU lowering rejects a jnp constant captured by a loop body ("Shaped
+  arrays must be represented by ir.Values, got: 2"); 0.10.2 lowers it, so the CPU lowering
+  test alone cannot see it. Constants must be made inside the loop bodies."""
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+  m = None
+  if masked:
+    types = (np.random.default_rng(0).random((2, 3, 3, 8)) < 0.4).astype(np.int8) * 2
+    m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
+  q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
+  cfg = MosaicConfig(persistent=persistent)
+  jaxpr = jax.make_jaxpr(lambda q, k, v: block_sparse_attention_mgpu(
+      q, k, v, m, kv_len=None if m else 999, config=cfg))(q, k, k)
+  assert _array_literals_captured_by_loops(jaxpr.jaxpr) == []
