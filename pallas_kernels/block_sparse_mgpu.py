@@ -15,6 +15,12 @@ The two compute warpgroups alternate through a "schedule barrier" so one runs it
 while the other keeps the tensor cores busy (FA3's ping-pong); both walk the same list, so
 their barrier counts always match.
 
+Default launch is persistent: one CTA per SM walks tiles c, c + #SMs, ...; the K/V ring and
+a double-buffered Q carry over tile boundaries, so a tile's first blocks load while the
+previous tile finishes. That matters for sparse masks, whose tiles are short (CSLA's last
+scale visits ~14 blocks per tile). `MosaicConfig(persistent=False)` is the one-CTA-per-tile
+grid.
+
 Exact (token-level) masks stay on the Triton kernel in `block_sparse.py`: Hopper's wgmma
 register layout makes per-token rule tables awkward, and the exact CSLA target is met there.
 
@@ -52,8 +58,9 @@ class MosaicConfig:
   # or heads fastest (FA3's order).
   q_tiles_fastest: bool = True
   # One CTA per SM looping over tiles (K/V ring and Q double buffer carry across tiles);
-  # num_ctas None = the device's SM count.
-  persistent: bool = False
+  # num_ctas None = the device's SM count. Measured on the H100 (16 heads, scale 12): dense
+  # 646 vs 595 TFLOP/s, random 30% blocks 507 vs 384 TFLOP/s over visited blocks.
+  persistent: bool = True
   num_ctas: int | None = None
 
   def __post_init__(self):

@@ -11,11 +11,12 @@ blocks for ours), random per-head 128x128 block masks at 5/10/20/30% (scale 12),
 gather at 20% of keys (scales 11, 12; groups of 192 queries), dense + column sums at the
 decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
 (the model's KV cache layout); cuDNN and Flex get the exact length.
-Times: JAX = median over 7 repeats of the mean of 20 back-to-back calls (host clock,
-synchronised); torch = median of 3 triton.testing.do_bench medians. Within each part, all
-kernels of one shape are timed round-robin (repeat r times every kernel once), each slot
-after an idle gap (--gap): the H100's clocks drop under long dense runs and recover over tens
-of ms, so a slot right after a dense kernel would be penalised. `spread` = (max-min)/median.
+Times: JAX = median over 7 repeats of the mean of back-to-back calls (host clock,
+synchronised); torch = median of 3 triton.testing.do_bench medians (its own warm-up). Within each part, all
+kernels of one shape are timed round-robin (repeat r times every kernel once); each slot
+warms its kernel up for ~15 ms untimed, then times ~20 ms of back-to-back calls. Seen on the
+H100: timed right after a long dense kernel, a sparse one ran up to ~20% slower; timed after
+an idle gap, short kernels ran ~20% slower (clocks ramping). `spread` = (max-min)/median.
 """
 
 from __future__ import annotations
@@ -107,14 +108,19 @@ def jax_part(args):
     del base  # vs_cudnn comes from the round's own cuDNN row
     pending.append((fn, xs, flops, kw))
 
-  def run_round(n=20, reps=7):
+  def run_round(reps=7, warm_ms=15.0, window_ms=20.0):
     """Compile every queued kernel, then time them round-robin: each repeat runs every kernel
-    once (mean of n calls), so clock changes over the round (a GPU that throttles under
-    sustained load) hit all of them alike. Median over repeats; failures recorded."""
+    once, so clock changes over the round hit all of them alike. A slot first runs its kernel
+    for ~warm_ms untimed (clocks settle after the previous kernel, heavier or idle), then
+    times back-to-back calls filling ~window_ms. Median over repeats; failures recorded."""
     ok = []
     for fn, xs, flops, kw in pending:
       try:
         jax.block_until_ready(fn(*xs))
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*xs))
+        est = max(time.perf_counter() - t, 1e-5) * 1e3
+        kw["_counts"] = (max(3, int(warm_ms / est)), max(10, int(window_ms / est)))
         ok.append((fn, xs, flops, kw))
       except Exception as e:  # a kernel that fails is recorded and skipped
         kw["err"] = repr(e)[:400]
@@ -123,8 +129,12 @@ def jax_part(args):
     pending.clear()
     ts = [[] for _ in ok]
     for _ in range(reps):
-      for i, (fn, xs, _, _) in enumerate(ok):
-        time.sleep(args.gap)  # let clocks recover from the previous (maybe heavier) kernel
+      for i, (fn, xs, _, kw) in enumerate(ok):
+        warm, n = kw["_counts"]
+        time.sleep(args.gap)
+        for _ in range(warm):
+          r = fn(*xs)
+        jax.block_until_ready(r)
         t = time.perf_counter()
         for _ in range(n):
           r = fn(*xs)
@@ -133,6 +143,7 @@ def jax_part(args):
     base = [float(np.median(t)) for t, (_, _, _, kw) in zip(ts, ok)
             if kw["impl"] == "jax_cudnn" and kw["mask"] == "dense"]
     for t, (_, _, flops, kw) in zip(ts, ok):
+      kw.pop("_counts")
       ms = float(np.median(t))
       extra = dict(ms=ms, spread=float((max(t) - min(t)) / ms))
       if flops is not None:
@@ -149,7 +160,8 @@ def jax_part(args):
   # Hopper kernel (Mosaic GPU): only where it compiles (an sm_90 GPU).
   use_mgpu = (not interp) and not args.no_mgpu
   mgpu_p = MosaicConfig(persistent=True)
-  mgpu_dense_cfgs = [MosaicConfig(), mgpu_p]
+  mgpu_np = MosaicConfig(persistent=False)
+  mgpu_dense_cfgs = [mgpu_p, mgpu_np]
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -202,7 +214,7 @@ def jax_part(args):
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
       if use_mgpu:
         for mcfg in mgpu_dense_cfgs:
-          name = "ours_mgpu_persistent" if mcfg.persistent else "ours_mgpu"
+          name = "ours_mgpu" if mcfg.persistent else "ours_mgpu_nonpersistent"
           timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, t_cudnn, heads=heads,
                     scale=scale, impl=name,
                     mask="dense", frac=1.0, config=str(mcfg))
@@ -220,9 +232,9 @@ def jax_part(args):
                     scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
                     config=str(cfg))
         if use_mgpu and blk == 128:
-          for mcfg in (MosaicConfig(), mgpu_p):
+          for mcfg in (mgpu_p, mgpu_np):
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
-                      scale=scale, impl="ours_mgpu" + ("_persistent" if mcfg.persistent else ""),
+                      scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
                       mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
         plan = csla.csla_tile_plan(scale, tile=8)
@@ -243,9 +255,9 @@ def jax_part(args):
           timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac, t_cudnn,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
-          for mcfg in ((MosaicConfig(), mgpu_p) if use_mgpu else ()):
+          for mcfg in ((mgpu_p, mgpu_np) if use_mgpu else ()):
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
-                      scale=scale, impl="ours_mgpu" + ("_persistent" if mcfg.persistent else ""),
+                      scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
                       mask=f"random{int(dens * 100)}", frac=frac)
       if scale in sorted(args.scales)[-2:] and not args.no_gather:
         g = 192 if not interp else 64
@@ -438,9 +450,9 @@ def main():
   p.add_argument("--quick", action="store_true", help="two tuning candidates only")
   p.add_argument("--no-tune", action="store_true", help="use the known best tiles")
   p.add_argument("--no-gather", action="store_true", help="skip the CS4A rows (gather, colsum)")
-  p.add_argument("--gap", type=float, default=0.15,
-                 help="idle seconds before each timed slot: on the H100 a kernel timed right "
-                 "after a long dense one ran up to ~20%% slower (clocks recovering)")
+  p.add_argument("--gap", type=float, default=0.0,
+                 help="idle seconds before each timed slot (the warm-up inside a slot is what "
+                 "evens out clocks; a gap lets them drop, which penalises short kernels)")
   p.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU (Hopper) rows")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()

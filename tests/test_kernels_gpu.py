@@ -27,7 +27,7 @@ except ImportError:  # gpu_check.py runs these without pytest
   pytest = None
 
 TOL = 1e-2
-_PERSISTENT = MosaicConfig(persistent=True)
+_NONPERSISTENT = MosaicConfig(persistent=False)
 _SEED = [int(np.random.SeedSequence().entropy % (2 ** 31))]
 
 
@@ -181,7 +181,7 @@ def check_mgpu_dense(lq=4096, lk=10521, heads=2, d=128, dtype=jnp.bfloat16,
   m = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
   return _finish(f"mgpu dense {lq}x{lk} D{d} {jnp.dtype(dtype).name} kv{config.block_kv}"
-                 f"{' persistent' if config.persistent else ''}",
+                 f"{'' if config.persistent else ' non-persistent'}",
                  max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
 
 
@@ -195,7 +195,7 @@ def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16, config=M
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
   return _finish(f"mgpu csla s{query_scale} block D{d} {jnp.dtype(dtype).name}"
-                 f"{' persistent' if config.persistent else ''}",
+                 f"{'' if config.persistent else ' non-persistent'}",
                  max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
 
 
@@ -218,7 +218,7 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(
   fin = jnp.isfinite(ref_lse)
   err_lse = _rel(jnp.where(fin, lse, 0), jnp.where(fin, ref_lse, 0))
   return _finish(f"mgpu random 30% per-(b,h) + empty rows D{d}"
-                 f"{' persistent' if config.persistent else ''}",
+                 f"{'' if config.persistent else ' non-persistent'}",
                  max(_rel(out, ref), err_lse), out)
 
 
@@ -245,12 +245,12 @@ CHECKS = [
     ("mgpu_csla_s12", check_mgpu_csla),
     ("mgpu_csla_s10_d64", lambda: check_mgpu_csla(10, d=64)),
     ("mgpu_random_empty_rows", check_mgpu_random_empty_rows),
-    ("mgpu_p_random_empty_rows", lambda: check_mgpu_random_empty_rows(config=_PERSISTENT)),
-    ("mgpu_p_dense", lambda: check_mgpu_dense(config=_PERSISTENT)),
-    ("mgpu_p_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
+    ("mgpu_np_random_empty_rows", lambda: check_mgpu_random_empty_rows(config=_NONPERSISTENT)),
+    ("mgpu_np_dense", lambda: check_mgpu_dense(config=_NONPERSISTENT)),
+    ("mgpu_np_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
         lq=1000, lk=3001, d=64, dtype=jnp.float16,
-        config=MosaicConfig(block_kv=64, max_concurrent_steps=4, persistent=True))),
-    ("mgpu_p_csla_s12", lambda: check_mgpu_csla(config=_PERSISTENT)),
+        config=MosaicConfig(block_kv=64, max_concurrent_steps=4, persistent=False))),
+    ("mgpu_np_csla_s12", lambda: check_mgpu_csla(config=_NONPERSISTENT)),
     ("mgpu_p_few_ctas", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(persistent=True, num_ctas=5))),
     ("csla_tiles_s12", check_csla_tiles),
