@@ -364,3 +364,30 @@ def test_mgpu_kernel_loops_capture_no_array_constants(persistent, masked):
   jaxpr = jax.make_jaxpr(lambda q, k, v: block_sparse_attention_mgpu(
       q, k, v, m, kv_len=None if m else 999, config=cfg))(q, k, k)
   assert _array_literals_captured_by_loops(jaxpr.jaxpr) == []
+
+
+@pytest.mark.parametrize("n,g", [(416, 132), (1024, 132), (7, 3), (5, 5)])
+def test_balanced_schedule_deals_every_item_once_and_balances(n, g):
+  from pallas_kernels.block_sparse_mgpu import balanced_schedule
+  cost = np.random.default_rng(n).integers(1, 20, n).astype(np.float32)
+  work, count = balanced_schedule(cost, g)
+  items = np.concatenate([work[c, :count[c]] for c in range(g)])
+  assert sorted(items.tolist()) == list(range(n))
+  loads = np.array([cost[work[c, :count[c]]].sum() for c in range(g)])
+  round_robin = max(cost[c::g].sum() for c in range(g))
+  assert loads.max() <= round_robin
+  assert loads.max() <= cost.sum() / g + cost.max()  # within one item of the ideal
+  wj, cj = jax.jit(lambda c: balanced_schedule(c, g))(jnp.asarray(cost))  # traced path
+  np.testing.assert_array_equal(np.asarray(wj), work)
+  np.testing.assert_array_equal(np.asarray(cj), count)
+
+
+def test_mgpu_kernel_lowers_with_a_traced_mask():
+  from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
+  types = (np.random.default_rng(1).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
+  m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
+  q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
+  fn = lambda q, k, v, m: block_sparse_attention_mgpu(q, k, v, m)
+  text = jax.jit(fn).trace(q, k, k, m).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
