@@ -58,6 +58,10 @@ _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write samples.npz.")
 _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype of the transformer blocks (auto: bfloat16 on GPU, "
                            "float32 on CPU).")
+_ATTN = flags.DEFINE_enum("attn_impl", "auto", ["auto", "xla", "cudnn", "mosaic"],
+                          "Attention kernel. auto: 'mosaic' (our Hopper flash kernel; cuDNN for "
+                          "masked calls) on an H100/H200 in bfloat16, 'cudnn' on other GPUs in "
+                          "bfloat16, 'xla' otherwise (float32 or CPU).")
 _DEMO = flags.DEFINE_enum("demo", "infinity", ["infinity", "var"],
                           "The random tiny model used without --checkpoint: 'infinity' "
                           "(text-to-image, full 13-scale 1024x1024 schedule, random text "
@@ -124,17 +128,17 @@ def _setup_jax():
   return jax
 
 
-def _load_models(checkpoint: str | None, dtype, seed: int):
+def _load_models(checkpoint: str | None, dtype, seed: int, attn_impl: str = "xla"):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
   from sparvar_jax.models import var as var_lib  # pylint: disable=g-import-not-at-top
   from sparvar_jax.vae import var_vqvae  # pylint: disable=g-import-not-at-top
   if checkpoint is None:
     rngs = nnx.Rngs(seed)
-    var = var_lib.VAR(configs.VAR_DEMO, rngs=rngs, dtype=dtype)
+    var = var_lib.VAR(configs.VAR_DEMO, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
     vae = var_vqvae.VQVAE(configs.VQVAE_DEMO, rngs=rngs)
     return var, vae, "embedded default: tiny VAR (depth 2, width 128) with RANDOM weights"
-  var, vae = var_lib.load_var(checkpoint, dtype=dtype)
+  var, vae = var_lib.load_var(checkpoint, dtype=dtype, attn_impl=attn_impl)
   return var, vae, f"checkpoint {os.path.abspath(checkpoint)}"
 
 
@@ -155,11 +159,28 @@ def _checkpoint_kind(checkpoint: str | None) -> tuple[str, dict | None]:
 
 
 def _resolve_dtype(jax):
+  """(dtype name, dtype, attention impl) from --dtype and --attn_impl."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  on_gpu = jax.devices()[0].platform == "gpu"
   dtype_name = _DTYPE.value
   if dtype_name == "auto":
-    dtype_name = "bfloat16" if jax.devices()[0].platform == "gpu" else "float32"
-  return dtype_name, jnp.dtype(dtype_name)
+    dtype_name = "bfloat16" if on_gpu else "float32"
+  attn = _ATTN.value
+  if attn == "auto":
+    from pallas_kernels import _compat  # pylint: disable=g-import-not-at-top
+    attn = ("mosaic" if _compat.on_hopper() else "cudnn") if (
+        on_gpu and dtype_name == "bfloat16") else "xla"
+  elif attn in ("cudnn", "mosaic"):
+    if not on_gpu or dtype_name != "bfloat16":
+      raise UsageError(f"--attn_impl={attn} needs a GPU and bfloat16 (this run: "
+                       f"{jax.devices()[0].platform}, {dtype_name}); use --attn_impl=xla or "
+                       "leave it on auto.")
+    if attn == "mosaic":
+      from pallas_kernels import _compat  # pylint: disable=g-import-not-at-top
+      if not _compat.on_hopper():
+        raise UsageError(f"--attn_impl=mosaic needs an sm_90 GPU (H100/H200); this is "
+                         f"{jax.devices()[0].device_kind}. Use --attn_impl=cudnn.")
+  return dtype_name, jnp.dtype(dtype_name), attn
 
 
 def run(argv_flags=None) -> dict:
@@ -221,10 +242,10 @@ def _run_var(cfgs: dict | None) -> dict:
   out_dir = outputs.prepare_dir(_OUT.value)
 
   jax = _setup_jax()
-  dtype_name, dtype = _resolve_dtype(jax)
+  dtype_name, dtype, attn_impl = _resolve_dtype(jax)
 
   t0 = time.perf_counter()
-  var, vae, source = _load_models(_CHECKPOINT.value, dtype, _SEED.value)
+  var, vae, source = _load_models(_CHECKPOINT.value, dtype, _SEED.value, attn_impl)
   print(f"model: {source}", file=sys.stderr)
   if _CHECKPOINT.value is None:
     print("note: the default model's weights are random, so its images are noise; pass "
@@ -260,7 +281,7 @@ def _run_var(cfgs: dict | None) -> dict:
       "settings": {"labels": labels, "batch": batch, "cfg": settings.cfg,
                    "top_k": settings.top_k, "top_p": settings.top_p,
                    "more_smooth": settings.more_smooth, "seed": _SEED.value,
-                   "dtype": dtype_name},
+                   "dtype": dtype_name, "attn_impl": attn_impl},
       "device": str(jax.devices()[0]),
       "seconds": {"load_and_build": load_s, "per_scale_first_run_incl_compile":
                   res.scale_seconds, "decode": res.decode_seconds,

@@ -218,7 +218,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
           f"the nearest template h/w {schedule.template} ({w}x{h} pixels).", file=sys.stderr)
 
   jax = setup_jax()
-  dtype_name, dtype = resolve_dtype(jax)
+  dtype_name, dtype, attn_impl = resolve_dtype(jax)
   from sparvar_jax.generate_infinity import InfinityGenerator, bucket_text_len  # pylint: disable=g-import-not-at-top
   from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
 
@@ -228,7 +228,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
     from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
     from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
     rngs = nnx.Rngs(FLAGS.seed)
-    model = Infinity(icfg, rngs=rngs, dtype=dtype)
+    model = Infinity(icfg, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
     vae = BSQVAE(configs.BSQ_DEMO, rngs=rngs)
     source = (f"embedded default: tiny Infinity (depth {icfg.depth}, width {icfg.embed_dim}) "
               "and BSQ VAE with RANDOM weights; random text features instead of T5")
@@ -239,7 +239,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
     encoder, tok = text.load_t5(FLAGS.t5, dtype)
     if encoder.cfg.d_model != icfg.text_channels:
       raise _width_error(err, FLAGS.t5, encoder.cfg.d_model, icfg.text_channels)
-    model, vae, _ = load_infinity(ckpt, dtype)
+    model, vae, _ = load_infinity(ckpt, dtype, attn_impl=attn_impl)
     source = f"checkpoint {os.path.abspath(ckpt)}"
     print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
           f"{icfg.embed_dim}); T5 {os.path.abspath(FLAGS.t5)}", file=sys.stderr)
@@ -330,7 +330,7 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
       "image_hw": list(schedule.image_hw),
       "settings": {"cfg": list(cfgs_ps), "tau": list(taus_ps), "top_k": settings.top_k,
                    "top_p": settings.top_p, "seed": FLAGS.seed, "batch": batch,
-                   "text_len": text_len, "dtype": dtype_name},
+                   "text_len": text_len, "dtype": dtype_name, "attn_impl": attn_impl},
       "device": str(jax.devices()[0]),
       "seconds": {"load_and_build": load_s, "text_encode": text_s,
                   "calls": calls, "first_call_includes_compile": True,

@@ -235,7 +235,24 @@ def check_auto_backend_picks_mosaic():
   return _finish("auto backend -> mosaic, csla s11", _rel(out, ref), out)
 
 
+def check_model_attention_mosaic():
+  """The models' attn_impl='mosaic' glue: Mosaic kernel unmasked (scale passed through), cuDNN
+  when masked; against the fp32 XLA path."""
+  from sparvar_jax.nn.attention import attention
+  rng = _rng()
+  q, k, v = _qkv(rng, 2, 2304, 6425, 4, 128, jnp.bfloat16)
+  f32 = lambda x: x.astype(jnp.float32)
+  out = jax.jit(lambda q, k, v: attention(q, k, v, scale=0.05, impl="mosaic"))(q, k, v)
+  ref = attention(f32(q), f32(k), f32(v), scale=0.05, impl="xla")
+  mask = jnp.asarray(rng.random((2, 1, 1, 6425)) < 0.9)
+  out_m = jax.jit(lambda q, k, v: attention(q, k, v, mask=mask, scale=0.05, impl="mosaic"))(q, k, v)
+  ref_m = attention(f32(q), f32(k), f32(v), mask=mask, scale=0.05, impl="xla")
+  return _finish("model attention impl=mosaic (+ masked -> cuDNN)",
+                 max(_rel(out, ref), _rel(out_m, ref_m)), (out, out_m))
+
+
 CHECKS = [
+    ("model_attention_mosaic", check_model_attention_mosaic),
     ("auto_backend_mosaic", check_auto_backend_picks_mosaic),
     ("colsum_mosaic", lambda: check_colsum("mosaic")),
     ("mgpu_dense", check_mgpu_dense),

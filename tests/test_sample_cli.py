@@ -38,6 +38,7 @@ def test_default_run_writes_grid_report_and_npz(tmp_path):
   assert report["random_weights"] is True
   assert len(report["seconds"]["per_scale_first_run_incl_compile"]) == 10
   assert report["settings"]["batch"] == 2
+  assert report["settings"]["attn_impl"] == "xla"  # auto on a CPU
   assert (out / "grid.png").stat().st_size > 0
   npz = np.load(out / "samples.npz")
   assert npz["image_BHW3"].shape == (2, 256, 256, 3)
@@ -68,6 +69,8 @@ def test_default_run_writes_grid_report_and_npz(tmp_path):
     (["--seed", "4294967296"], ["--seed must be in [0, 2**32)"]),
     (["--seed", "-1"], ["--seed must be in [0, 2**32)"]),
     (["--checkpoint", "/nonexistent/ckpt"], ["does not exist", "convert"]),
+    (["--attn_impl", "mosaic"], ["--attn_impl=mosaic needs a GPU and bfloat16", "cpu"]),
+    (["--attn_impl", "cudnn"], ["--attn_impl=cudnn needs a GPU and bfloat16"]),
 ])
 def test_bad_input_is_one_clean_paragraph(tmp_path, args, needles):
   out = tmp_path / "o"

@@ -7,6 +7,8 @@ Implementations (`impl`):
 - 'xla':   einsum logits in fp32, fp32 softmax, probabilities cast to v's dtype for the
            second einsum (fp32 accumulation). Runs everywhere; the CPU parity path.
 - 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`, GPU, bf16/fp16 only.
+- 'mosaic': our Hopper flash kernel (Pallas Mosaic GPU) for unmasked calls, cuDNN for masked
+           ones; H100/H200, bf16/fp16, head dim 64/128.
 - further implementations (the Pallas kernels) register with `register_attention_impl`;
   they take the same arguments and return the same shape and dtype.
 """
@@ -77,8 +79,21 @@ def attention_cudnn(q_BLHc, k_BSHc, v_BSHc, *, mask=None, scale=1.0):
                                       implementation="cudnn")
 
 
+def attention_mosaic(q_BLHc, k_BSHc, v_BSHc, *, mask=None, scale=1.0):
+  """Our Hopper kernel (pallas_kernels/block_sparse_mgpu.py) where it applies — unmasked
+  attention (the KV-cached scale steps), bf16/fp16, head dim 64 or 128 — and cuDNN for the
+  rest (cross-attention's text padding mask, VAR's teacher-forced block-causal mask, other
+  head dims). Needs an sm_90 GPU (H100/H200)."""
+  from pallas_kernels import block_sparse_mgpu
+  if mask is not None or block_sparse_mgpu.supports(q_BLHc, None):
+    return attention_cudnn(q_BLHc, k_BSHc, v_BSHc, mask=mask, scale=scale)
+  return block_sparse_mgpu.block_sparse_attention_mgpu(
+      q_BLHc, k_BSHc.astype(q_BLHc.dtype), v_BSHc.astype(q_BLHc.dtype), scale=scale)
+
+
 register_attention_impl("xla", attention_xla)
 register_attention_impl("cudnn", attention_cudnn)
+register_attention_impl("mosaic", attention_mosaic)
 
 
 def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
