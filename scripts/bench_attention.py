@@ -275,12 +275,12 @@ def jax_part(args):
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
         # Other group sizes (the query group is a parameter of CS4A): 128-query tiles
         # halve the gathered K/V traffic per query.
-        for g2 in (() if interp else (128, 256)):
+        for g2 in (() if interp else args.gather_groups):
           ng2 = -(-lq // g2)
           idx2 = jnp.asarray(np.sort(np.argsort(rng.random((B, heads, ng2, lk)), axis=-1)
                                      [..., :budget], -1), jnp.int32)
           cnt2 = jnp.full((B, heads, ng2), budget, jnp.int32)
-          gcfgs = [GatherConfig(128, 64, 4, 3)]  # best of 5 tiles on the H100 (WORKSPACE)
+          gcfgs = [c for c in args.gather_tiles if g2 % c.block_q == 0]
           for gcfg in gcfgs:
             f = jax.jit(lambda q, k, v, r, gcfg=gcfg, idx2=idx2, cnt2=cnt2, g2=g2:
                         gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
@@ -453,11 +453,20 @@ def main():
   p.add_argument("--gap", type=float, default=0.0,
                  help="idle seconds before each timed slot (the warm-up inside a slot is what "
                  "evens out clocks; a gap lets them drop, which penalises short kernels)")
+  p.add_argument("--gather-groups", default="128,256",
+                 help="extra CS4A query-group sizes for the gather rows (192 is always run)")
+  p.add_argument("--gather-tiles", default="128,64,4,3",
+                 help="gather tiles for those groups: block_q,block_kv,warps,stages[;...] "
+                 "(default: the best of 5 on the H100)")
   p.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU (Hopper) rows")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()
   args.heads = [int(h) for h in args.heads.split(",")]
   args.scales = [int(s) for s in args.scales.split(",")]
+  args.gather_groups = [int(g) for g in args.gather_groups.split(",") if g]
+  sys.path.insert(0, os.path.dirname(HERE))
+  from pallas_kernels.gather import GatherConfig
+  args.gather_tiles = [GatherConfig(*map(int, t.split(","))) for t in args.gather_tiles.split(";")]
   os.makedirs(args.out, exist_ok=True)
   if args.part == "torch":
     json.dump(torch_part(args), open(os.path.join(args.out, "torch.json"), "w"), indent=1)
