@@ -21,4 +21,5 @@ from pallas_kernels.colsum import (ColsumConfig, column_sums, dense_colsum_atten
 from pallas_kernels.dense import dense_attention
 from pallas_kernels.gather import (GatherConfig, gather_attention, gather_attention_reference,
                                    validate_gather_lists)
-from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+from pallas_kernels.block_sparse_mgpu import (MosaicConfig, block_sparse_attention_mgpu,
+                                              block_sparse_attention_mgpu_reference)

@@ -4,8 +4,8 @@ Letters: B batch, Q query tokens, K key tokens, H heads, D head dim.
 
 The Hopper fast path of `block_sparse_attention` for block-granular masks (every visited
 block computed whole, keys past `kv_len` masked). It follows the FlashAttention-3 shape:
-one CTA per (128 queries, head, batch) with three warpgroups — two compute warpgroups of 64
-query rows each (wgmma from shared memory, online softmax in registers) and one memory
+a tile of (128 queries, head, batch) per CTA at a time, three warpgroups — two compute
+warpgroups of 64 query rows each (wgmma from shared memory, online softmax in registers) and one memory
 warpgroup that streams the visited K/V blocks with TMA into a ring of `max_concurrent_steps`
 slots. The only change for sparsity is that the memory warpgroup reads the block index of
 each step from the query block's list, so skipped blocks cost nothing — not even a
@@ -15,16 +15,16 @@ The two compute warpgroups alternate through a "schedule barrier" so one runs it
 while the other keeps the tensor cores busy (FA3's ping-pong); both walk the same list, so
 their barrier counts always match.
 
-Default launch is persistent: one CTA per SM walks tiles c, c + #SMs, ...; the K/V ring and
-a double-buffered Q carry over tile boundaries, so a tile's first blocks load while the
-previous tile finishes. That matters for sparse masks, whose tiles are short (CSLA's last
-scale visits ~14 blocks per tile). `MosaicConfig(persistent=False)` is the one-CTA-per-tile
-grid.
+Default launch is persistent: one CTA per SM walks its list of tiles (`balanced_schedule`:
+launch order, list-scheduled by step count); the K/V ring and a double-buffered Q carry over
+tile boundaries, so a tile's first blocks load while the previous tile finishes. That
+matters for sparse masks, whose tiles are short (CSLA's last scale visits ~14 blocks per
+tile). `MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
 
 Exact (token-level) masks stay on the Triton kernel in `block_sparse.py`: Hopper's wgmma
 register layout makes per-token rule tables awkward, and the exact CSLA target is met there.
 
-Reference: `block_sparse.block_sparse_attention_reference` (same semantics, dense mask, f32).
+Reference: `block_sparse_attention_mgpu_reference` below (pure JAX, f32, dense mask).
 Not runnable on CPU (Mosaic GPU interpret mode in jax 0.10 lacks `run_state`); CPU tests lower
 the kernel to its Mosaic GPU module instead, which exercises every layout and shape check.
 """
@@ -55,12 +55,12 @@ class MosaicConfig:
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 2
-  # Launch order: query tiles of one head next to each other (that head's K/V stays in L2)
-  # or heads fastest (FA3's order).
+  # Non-persistent grid order: query tiles of one head next to each other (that head's K/V
+  # stays in L2) or heads fastest (FA3's order; measured 0.90x at scale 12).
   q_tiles_fastest: bool = True
   # One CTA per SM looping over tiles (K/V ring and Q double buffer carry across tiles);
-  # num_ctas None = the device's SM count. Measured on the H100 (16 heads, scale 12): dense
-  # 646 vs 595 TFLOP/s, random 30% blocks 507 vs 384 TFLOP/s over visited blocks.
+  # num_ctas None = the device's SM count. H100, 16 heads, scale 12 (WORKSPACE run 8): dense
+  # 621 vs 578 TFLOP/s, random 10% blocks 420 vs 350 TFLOP/s over visited blocks.
   persistent: bool = True
   num_ctas: int | None = None
 
@@ -73,6 +73,8 @@ class MosaicConfig:
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
                        "(double buffering at least).")
+    if self.num_ctas is not None and self.num_ctas < 1:
+      raise ValueError(f"num_ctas={self.num_ctas} must be >= 1 (or None: one per SM).")
 
   @property
   def mask_block_q(self) -> int:
@@ -543,3 +545,20 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   if return_lse:
     return out, lse[:, :, :lq]
   return out
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def block_sparse_attention_mgpu_reference(q, k, v, mask: BlockMask | None = None, *,
+                                          kv_len: int | None = None, scale: float | None = None,
+                                          return_lse: bool = False):
+  """Pure-JAX f32 reference of `block_sparse_attention_mgpu`: visited blocks whole (mask) or
+  every key (None), keys past kv_len never; empty rows 0 with log-sum-exp -inf."""
+  from pallas_kernels.block_sparse import masked_attention_reference, token_mask_of
+  if mask is not None:
+    keep = token_mask_of(mask)
+  else:
+    kv_len = k.shape[1] if kv_len is None else kv_len
+    keep = jnp.ones((1, 1, q.shape[1], kv_len), bool)
+  return masked_attention_reference(q, k, v, keep, scale=scale, return_lse=return_lse)

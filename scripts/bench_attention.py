@@ -453,7 +453,7 @@ def main():
   p.add_argument("--gap", type=float, default=0.0,
                  help="idle seconds before each timed slot (the warm-up inside a slot is what "
                  "evens out clocks; a gap lets them drop, which penalises short kernels)")
-  p.add_argument("--gather-groups", default="128,256",
+  p.add_argument("--gather-groups", default="256,512",
                  help="extra CS4A query-group sizes for the gather rows (192 is always run)")
   p.add_argument("--gather-tiles", default="128,64,4,3",
                  help="gather tiles for those groups: block_q,block_kv,warps,stages[;...] "

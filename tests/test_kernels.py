@@ -393,3 +393,25 @@ def test_mgpu_kernel_lowers_with_a_traced_mask():
   fn = lambda q, k, v, m: block_sparse_attention_mgpu(q, k, v, m)
   text = jax.jit(fn).trace(q, k, k, m).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
+
+
+def test_mgpu_reference_matches_the_block_sparse_reference_and_float64():
+  from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu_reference
+  rng = np.random.default_rng(3)
+  b, lq, lk, h, d = 2, 200, 301, 2, 16
+  q, k, v = (jnp.asarray(rng.standard_normal(s), jnp.float32)
+             for s in ((b, lq, h, d), (b, lk + 19, h, d), (b, lk + 19, h, d)))
+  types = (rng.random((b, h, 2, 3)) < 0.5).astype(np.int8) * 2
+  types[0, 1, 0] = 0  # an empty query block
+  m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+  out, lse = block_sparse_attention_mgpu_reference(q, k, v, m, scale=0.3, return_lse=True)
+  ref, ref_lse = block_sparse_attention_reference(q, k, v, m, scale=0.3, return_lse=True)
+  np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  assert bool((out[0, :128, 1] == 0).all()) and bool((lse[0, 1, :128] == -jnp.inf).all())
+  # Dense with a kv_len cut, against float64 numpy.
+  out = block_sparse_attention_mgpu_reference(q, k, v, kv_len=lk, scale=0.3)
+  qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k[:, :lk], v[:, :lk]))
+  s = np.einsum("bqhd,bkhd->bhqk", qn, kn) * 0.3
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", p, vn), rtol=1e-5, atol=1e-6)
