@@ -6,8 +6,8 @@ Every group of `group_size` consecutive queries of a (batch, head) attends to it
 key token indices (fixed budget S, padded; `counts` says how many are valid). The softmax runs
 over the selected keys only; an optional residual (CS4A's output cache) is added to the
 normalised output. A query whose group has count 0 returns the residual (zeros without one).
-Indices must lie in [0, kv_len); the kernel clamps them for memory safety, so an out-of-range
-index silently reads a clamped key: validate host-side with `validate_gather_lists`.
+Indices must lie in [0, kv_len); `gather_attention` checks concrete lists before the kernel
+(which clamps indices for memory safety) and refuses out-of-range ones with a clear error.
 A repeated index counts twice (top-k lists never repeat).
 """
 
@@ -108,11 +108,29 @@ def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, bloc
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "scale", "config", "interpret"))
 def gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int,
                      q_perm=None, rule: TokenBoxRule | None = None,
                      scale: float | None = None, config: GatherConfig = GatherConfig(),
                      interpret: bool = False):
+  """Attention of each query group over its gathered keys; see `_gather_attention`.
+
+  Concrete lists (numpy, or jax constants at trace time) are checked first with
+  `validate_gather_lists`: the kernel clamps indices for memory safety, so an out-of-range
+  index would otherwise read a wrong key silently. Traced lists (computed under jit, e.g. by
+  `topk_key_indices`) are in range by construction and are not checked.
+  """
+  if not any(isinstance(x, jax.core.Tracer) for x in (indices, counts)):
+    validate_gather_lists(indices, counts, k.shape[1])
+  return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
+                           q_perm=q_perm, rule=rule, scale=scale, config=config,
+                           interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "scale", "config", "interpret"))
+def _gather_attention(q, k, v, indices, counts, residual=None, *, group_size: int,
+                      q_perm=None, rule: TokenBoxRule | None = None,
+                      scale: float | None = None, config: GatherConfig = GatherConfig(),
+                      interpret: bool = False):
   """Attention of each query group over its gathered keys.
 
   q [B, Lq, H, D]; k, v [B, Lk, H, D]; indices int32 [Bm, Hm, G, S] with G = ceil(Lq / group_size)

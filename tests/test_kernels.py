@@ -415,3 +415,20 @@ def test_mgpu_reference_matches_the_block_sparse_reference_and_float64():
   p = np.exp(s - s.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   np.testing.assert_allclose(out, np.einsum("bhqk,bkhd->bqhd", p, vn), rtol=1e-5, atol=1e-6)
+
+
+def test_gather_attention_refuses_out_of_range_concrete_lists():
+  q = jnp.zeros((1, 32, 1, 16), jnp.float32)
+  k = jnp.zeros((1, 40, 1, 16), jnp.float32)
+  idx = np.array([[[[0, 5, 40, 3]]]], np.int32)  # 40 is past the 40 keys
+  with pytest.raises(ValueError, match="outside"):
+    gather_attention(q, k, k, idx, np.array([[[4]]], np.int32), group_size=32,
+                     config=GatherConfig(16, 16), interpret=True)
+  idx_j, cnt_j = jnp.asarray(idx), jnp.array([[[4]]])  # jax constants closed over by a jit
+  with pytest.raises(ValueError, match="outside"):
+    jax.jit(lambda q, k: gather_attention(q, k, k, idx_j, cnt_j, group_size=32,
+                                          config=GatherConfig(16, 16), interpret=True))(q, k)
+  # Past the count the slot is padding and never read: accepted.
+  out = gather_attention(q, k, k, idx, np.array([[[2]]], np.int32), group_size=32,
+                         config=GatherConfig(16, 16), interpret=True)
+  assert out.shape == q.shape
