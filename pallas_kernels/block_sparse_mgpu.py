@@ -15,9 +15,9 @@ The two compute warpgroups alternate through a "schedule barrier" so one runs it
 while the other keeps the tensor cores busy (FA3's ping-pong); both walk the same list, so
 their barrier counts always match.
 
-Default launch is persistent: one CTA per SM walks its list of tiles (`balanced_schedule`:
-launch order, list-scheduled by step count); the K/V ring and a double-buffered Q carry over
-tile boundaries, so a tile's first blocks load while the previous tile finishes. That
+Default launch is persistent: one CTA per SM walks its list of tiles (`tile_schedule`:
+round-robin in launch order); the K/V ring and a double-buffered Q carry over tile
+boundaries, so a tile's first blocks load while the previous tile finishes. That
 matters for sparse masks, whose tiles are short (CSLA's last scale visits ~14 blocks per
 tile). `MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import heapq
 import math
 
 import jax
@@ -333,7 +332,7 @@ def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
 
 def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
                        lse_ref, scoped, *, st: _Static, num_q_tiles, num_heads):
-  """One CTA per SM walking its row of the work table (`balanced_schedule`); the K/V ring
+  """One CTA per SM walking its row of the work table (`tile_schedule`); the K/V ring
   runs on across tiles, so the next tile's first blocks load while this one finishes (short
   lists stop paying a pipeline fill and drain each). Q is double-buffered; a tile's output
   goes out through its own Q buffer, which the memory warpgroup refills two tiles later."""
@@ -397,34 +396,20 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     lax.fori_loop(0, my_tiles, tile, cta - cta)
 
 
-def balanced_schedule(cost, num_ctas: int):
-  """Static work split for the persistent kernel, keeping launch order (neighbouring tiles of
-  one head run at the same time and share K/V in L2).
+def tile_schedule(num_tiles: int, num_ctas: int):
+  """Work table of the persistent kernel: CTA c runs tiles c, c + G, c + 2G, ... (launch order
+  = query tiles fastest, so the tiles in flight at any time are neighbours of one head and
+  share its K/V in L2). Returns numpy (work [G, R] int32 tile ids padded with 0, count [G]).
 
-  Concrete costs (numpy: masks built on the host, the usual case) are list-scheduled the way
-  the hardware dispatches a plain grid: items in order, each to the CTA that frees up first.
-  Traced costs (a mask computed under jit) get round-robin. On the H100 mask tables the list
-  schedule cut the busiest CTA's steps by 2-17% against round-robin (random 5% blocks: 65 ->
-  54, ideal 47); sorting by cost balanced better on paper (49) but ran slower (L2 misses).
-  cost: [N]. Returns (work [G, R] int32 item ids padded with 0, count [G] int32); each row
-  lists its items in launch order.
+  Measured alternatives (H100, WORKSPACE run 7): sorting tiles by step count and dealing them
+  in a snake balanced the busiest CTA better on paper (random 5%: 49 steps vs 65, ideal 47)
+  but ran slower (L2 locality lost). List scheduling in launch order (what the hardware does
+  for a plain grid) keeps locality and predicts 2-17% less for the busiest CTA; it needs the
+  mask's counts on the host, which the jitted entry point does not have (not built).
   """
-  n = cost.shape[0]
-  if isinstance(cost, jax.core.Tracer):
-    rounds = -(-n // num_ctas)
-    items = jnp.arange(rounds * num_ctas, dtype=jnp.int32).reshape(rounds, num_ctas).T
-    return jnp.where(items < n, items, 0), (items < n).sum(axis=1).astype(jnp.int32)
-  heap = [(0.0, c) for c in range(num_ctas)]
-  rows: list[list[int]] = [[] for _ in range(num_ctas)]
-  for i, c_i in enumerate(np.asarray(cost, np.float64)):
-    load, c = heapq.heappop(heap)
-    rows[c].append(i)
-    heapq.heappush(heap, (load + float(c_i), c))
-  width = max(len(r) for r in rows)
-  work = np.zeros((num_ctas, width), np.int32)
-  for c, r in enumerate(rows):
-    work[c, :len(r)] = r
-  return work, np.array([len(r) for r in rows], np.int32)
+  rounds = -(-num_tiles // num_ctas)
+  items = np.arange(rounds * num_ctas, dtype=np.int32).reshape(rounds, num_ctas).T
+  return np.where(items < num_tiles, items, 0), (items < num_tiles).sum(axis=1).astype(np.int32)
 
 
 def _pad_axis(x, axis, size):
@@ -481,8 +466,7 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
     idx = jnp.zeros((1, 1, 1, 1), jnp.int32)
     sel_b = sel_h = False
   else:
-    num_np, idx = visit_lists(mask)
-    num, idx = jnp.asarray(num_np), jnp.asarray(idx)
+    num, idx = (jnp.asarray(x) for x in visit_lists(mask))
     bm, hm = num.shape[:2]
     if bm not in (1, b) or hm not in (1, h):
       raise ValueError(f"mask batch/head dims {(bm, hm)} must be 1 or match q's {(b, h)}.")
@@ -497,13 +481,7 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   work = nwork = jnp.zeros((1,), jnp.int32)
   if config.persistent:
     num_ctas = min(num_tiles, config.num_ctas or _num_sms())
-    if mask is None:
-      cost = np.ones((num_tiles,), np.float32)
-    else:  # steps per tile + 1 for its fixed cost, in launch order (qi fastest)
-      xp = jnp if isinstance(num_np, jax.core.Tracer) else np
-      cost = xp.broadcast_to(num_np, (b, h, nq)).reshape(-1) + 1
-    work, nwork = balanced_schedule(cost, num_ctas)
-    work, nwork = jnp.asarray(work), jnp.asarray(nwork)
+    work, nwork = (jnp.asarray(x) for x in tile_schedule(num_tiles, num_ctas))
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (num_ctas,), ("sm",)
   else:
