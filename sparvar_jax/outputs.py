@@ -51,7 +51,8 @@ def to_uint8(img_HW3: np.ndarray) -> np.ndarray:
 
 
 def make_grid(imgs_BHW3: np.ndarray, ncol: int | None = None, pad: int = 2) -> np.ndarray:
-  """Tiles a batch of [0, 1] images into one uint8 grid with `pad` white pixels between."""
+  """Tiles a batch of [0, 1] float or uint8 images into one uint8 grid, `pad` white pixels
+  between."""
   imgs = np.asarray(imgs_BHW3)
   B, H, W, _ = imgs.shape
   ncol = ncol or min(B, 8)
@@ -60,8 +61,40 @@ def make_grid(imgs_BHW3: np.ndarray, ncol: int | None = None, pad: int = 2) -> n
   for i in range(B):
     r, c = divmod(i, ncol)
     y, x = pad + r * (H + pad), pad + c * (W + pad)
-    grid[y:y + H, x:x + W] = to_uint8(imgs[i])
+    grid[y:y + H, x:x + W] = imgs[i] if imgs.dtype == np.uint8 else to_uint8(imgs[i])
   return grid
+
+
+def downscale(img_HW3: np.ndarray, max_side: int) -> np.ndarray:
+  """Integer-factor box downscale (uint8 in, uint8 out) so the long side is <= max_side."""
+  f = -(-max(img_HW3.shape[:2]) // max_side)
+  if f <= 1:
+    return img_HW3
+  H, W = (img_HW3.shape[0] // f) * f, (img_HW3.shape[1] // f) * f
+  x = img_HW3[:H, :W].reshape(H // f, f, W // f, f, 3).astype(np.float32)
+  return np.round(x.mean(axis=(1, 3))).astype(np.uint8)
+
+
+class GridCollector:
+  """Keeps what grid.png needs while images stream to disk: the first `max_images` as uint8,
+  downscaled to `thumb_side` once the grid holds more than `full_res_upto` images (a run of
+  thousands of prompts keeps megabytes, not one float image per prompt)."""
+
+  def __init__(self, max_images: int = 64, full_res_upto: int = 16, thumb_side: int = 256):
+    self.max_images, self.full_res_upto, self.thumb_side = max_images, full_res_upto, thumb_side
+    self.images: list[np.ndarray] = []
+    self.seen = 0
+
+  def add(self, img_HW3: np.ndarray) -> None:
+    self.seen += 1
+    if len(self.images) < self.max_images:
+      self.images.append(img_HW3 if img_HW3.dtype == np.uint8 else to_uint8(img_HW3))
+
+  def grid(self) -> np.ndarray:
+    imgs = self.images
+    if len(imgs) > self.full_res_upto:
+      imgs = [downscale(im, self.thumb_side) for im in imgs]
+    return make_grid(np.stack(imgs))
 
 
 def save_png(path: str, img: np.ndarray) -> None:

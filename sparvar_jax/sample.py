@@ -20,7 +20,8 @@ switches to Infinity mode, which needs a converted T5 (`python -m convert.t5`) a
   python -m sparvar_jax.sample --checkpoint ckpt/infinity_2b --t5 ckpt/flan-t5-xl \
       --prompt "a red fox in the snow" --aspect 1:1 --pn 1M --cfg 3 --tau 1 --seed 0
 
-Writes one PNG per prompt (index + slug), `grid.png` and `report.json`; `--save_npz`
+Writes one PNG per prompt (index + slug) as each batch finishes, `grid.png` (the first 64,
+as 256-px thumbnails past 16) and `report.json`; `--save_npz`
 adds `samples.npz` (bits per scale, float image). Prompts over 512 T5 tokens are
 truncated as the original pipeline does, with a warning on stderr and in the report.
 An aspect ratio that is not one of Infinity's templates uses the nearest one (reported).

@@ -273,7 +273,12 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   gen = InfinityGenerator(model, vae, schedule, batch, settings, text_len=text_len,
                           cache_dtype=dtype)
   N = len(prompts)
+  # Each image goes to disk as soon as its batch is decoded (an interrupted run keeps what it
+  # made); RAM holds the grid's first 64 thumbnails, plus float images/bits for --save_npz.
+  grid = outputs.GridCollector()
   images, bits, calls = [], [[] for _ in range(n)], []
+  files, entries = [], []
+  image_shape = None
   for c, start in enumerate(range(0, N, batch)):
     idx = list(range(start, min(start + batch, N)))
     rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
@@ -287,28 +292,31 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
 
     res = gen(feats[rows], lens[rows], seed=FLAGS.seed + c, negative=neg, progress=progress)
     print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
-    images.append(res.image_BHW3[:len(idx)])
-    for si, b in enumerate(res.bits_per_scale):
-      bits[si].append(b[:len(idx)])
+    batch_images = np.asarray(res.image_BHW3[:len(idx)])
+    image_shape = [N] + list(batch_images.shape[1:])
+    for row, i in enumerate(idx):
+      name = f"{i:03d}_{slug(prompts[i])}.png"
+      img8 = outputs.to_uint8(batch_images[row])
+      outputs.save_png(os.path.join(out_dir, name), img8)
+      grid.add(img8)
+      files.append(name)
+      entries.append({"index": i, "prompt": prompts[i], "tokens": int(lens[i]),
+                      "tokens_before_truncation": tokens_full[i],
+                      "truncated": tokens_full[i] > text.MAX_LEN,
+                      "seed": FLAGS.seed + c, "batch_row": row, "file": name})
+    if FLAGS.save_npz:
+      images.append(batch_images)
+      for si, b in enumerate(res.bits_per_scale):
+        bits[si].append(b[:len(idx)])
     calls.append({"prompts": idx, "seed": FLAGS.seed + c,
                   "per_scale_seconds": res.scale_seconds, "decode_seconds": res.decode_seconds})
-  images = np.concatenate(images)
-  bits = [np.concatenate(b) for b in bits]
 
-  files, entries = [], []
-  for i, p in enumerate(prompts):
-    name = f"{i:03d}_{slug(p)}.png"
-    outputs.save_png(os.path.join(out_dir, name), images[i])
-    files.append(name)
-    entries.append({"index": i, "prompt": p, "tokens": int(lens[i]),
-                    "tokens_before_truncation": tokens_full[i],
-                    "truncated": tokens_full[i] > text.MAX_LEN,
-                    "seed": FLAGS.seed + i // batch, "batch_row": i % batch, "file": name})
-  outputs.save_png(os.path.join(out_dir, "grid.png"), outputs.make_grid(images))
+  outputs.save_png(os.path.join(out_dir, "grid.png"), grid.grid())
   files.append("grid.png")
   if FLAGS.save_npz:
-    arrays = {f"bits_scale{si}": b for si, b in enumerate(bits)}
-    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=images, **arrays)
+    arrays = {f"bits_scale{si}": np.concatenate(b) for si, b in enumerate(bits)}
+    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=np.concatenate(images),
+                     **arrays)
     files.append("samples.npz")
   files.append("report.json")
   report = {
@@ -336,7 +344,9 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
                   "calls": calls, "first_call_includes_compile": True,
                   "total_generate": sum(sum(c["per_scale_seconds"]) + c["decode_seconds"]
                                         for c in calls)},
-      "image_shape": list(images.shape),
+      "image_shape": image_shape,
+      "grid": {"images": len(grid.images), "of": N,
+               "thumbnails": len(grid.images) > grid.full_res_upto},
       "files": files,
   }
   outputs.save_json(os.path.join(out_dir, "report.json"), report)

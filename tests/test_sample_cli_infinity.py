@@ -228,3 +228,21 @@ def test_t5_features_encoded_in_bounded_chunks(env, monkeypatch):
   want_f = np.asarray(want_f)
   assert feats.shape == want_f.shape and feats.dtype == np.float32
   assert np.linalg.norm(feats - want_f) <= 1e-6 * np.linalg.norm(want_f)
+
+
+def test_many_prompts_stream_to_disk_with_a_bounded_grid(env, tmp_path):
+  """70 prompts: every PNG written, grid.png holds the first 64 as 256-px thumbnails, and the
+  report says so (RAM holds the grid, not one float image per prompt)."""
+  pf = tmp_path / "many.txt"
+  pf.write_text("".join(f"prompt number {i}\n" for i in range(70)), encoding="utf-8")
+  out = tmp_path / "many"
+  p = _inf(env, out, "--prompts_file", str(pf), "--batch", "8", "--top_k", "1")
+  assert p.returncode == 0, p.stderr[-3000:]
+  r = json.loads((out / "report.json").read_text())
+  assert len(r["prompts"]) == 70 and r["image_shape"] == [70, 256, 256, 3]
+  assert r["grid"] == {"images": 64, "of": 70, "thumbnails": True}
+  assert len(list(out.glob("0*_prompt-number-*.png"))) == 70
+  assert _png_hw(out / "069_prompt-number-69.png") == (256, 256)
+  # 8 columns x 8 rows of 256-px thumbnails (the images are 256 px: factor 1) + 2-px padding
+  assert _png_hw(out / "grid.png") == (2 + 8 * 258, 2 + 8 * 258)
+  assert [(e["seed"], e["batch_row"]) for e in r["prompts"]][8:10] == [(1, 0), (1, 1)]
