@@ -28,7 +28,6 @@ The transformer and the VAE must belong together (32 bits: infinity_vae_d32reg w
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -367,19 +366,27 @@ def convert(model_path: str, vae_path: str, out: str, *, overwrite: bool = False
     print(f"wrote {out}", file=sys.stderr)
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(prog="python -m convert.infinity", description=__doc__.split("\n")[0])
-  p.add_argument("--model", required=True, help="infinity_2b_reg.pth, or the 8B shard directory")
-  p.add_argument("--vae", required=True, help="the BSQ VAE .pth paired with the model")
-  p.add_argument("--out", required=True, help="output directory")
-  p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-  p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                 help="storage dtype of the transformer weights (bfloat16 halves the 8B "
-                 "output; the official inference runs the blocks in bf16)")
-  a = p.parse_args(argv)
-  common.main_wrapper(lambda: convert(a.model, a.vae, a.out, overwrite=a.overwrite,
-                                      dtype=a.dtype))
+def main(argv) -> None:
+  """absl entry point (flags defined under __main__, as in convert.t5, so importing this
+  module next to convert.var does not define the same flag names twice)."""
+  if len(argv) > 1:
+    from absl import app  # pylint: disable=g-import-not-at-top
+    raise app.UsageError(f"unexpected arguments {argv[1:]}; see --help")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  common.main_wrapper(lambda: convert(f.model, f.vae, f.out, overwrite=f.overwrite,
+                                      dtype=f.dtype))
 
 
 if __name__ == "__main__":
-  main()
+  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("model", None, "infinity_2b_reg.pth, or the 8B shard directory",
+                      required=True)
+  flags.DEFINE_string("vae", None, "the BSQ VAE .pth paired with the model", required=True)
+  flags.DEFINE_string("out", None, "output directory (must not exist unless --overwrite)",
+                      required=True)
+  flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "storage dtype of the transformer weights (bfloat16 halves the 8B output; "
+                    "the official inference runs the blocks in bf16)")
+  app.run(main)

@@ -3,6 +3,8 @@ pairing check, CLI round trip into load_infinity."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -35,10 +37,19 @@ def _save(tmp_path, obj, name="model.pth"):
   return p
 
 
+def _cli(*args):
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return subprocess.run([sys.executable, "-m", "convert.infinity", *args], cwd=root,
+                        capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+
+
 def test_cli_round_trip_and_load(d32, tmp_path):
   out = str(tmp_path / "ckpt")
   seen = []
-  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
+  p = _cli("--model", d32[0], "--vae", d32[1], "--out", out)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "wrote" in p.stderr
   assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # atomic: no leftovers
   model, vae, cfgs = load_infinity(out)
   assert cfgs["infinity"].block_chunks == 2 and vae.cfg.codebook_dim == 32
@@ -59,10 +70,11 @@ def test_cli_round_trip_and_load(d32, tmp_path):
   assert [b.shape for b in res.bits_per_scale] == [(1, 1, 32), (1, 4, 32)]
   meta = json.load(open(os.path.join(out, "config.json")))["meta"]
   assert meta["strict_keys"] and meta["cfg_uncond_rows_in_checkpoint"] == 512
-  with pytest.raises(SystemExit):  # exists, no --overwrite: one-paragraph error, exit 2
-    conv.main(["--model", d32[0], "--vae", d32[1], "--out", out])
-  conv.main(["--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite", "--dtype",
-             "bfloat16"])
+  p = _cli("--model", d32[0], "--vae", d32[1], "--out", out)  # exists, no --overwrite
+  assert p.returncode == 2 and "already exists" in p.stderr and "Traceback" not in p.stderr
+  p = _cli("--model", d32[0], "--vae", d32[1], "--out", out, "--overwrite", "--dtype",
+           "bfloat16")
+  assert p.returncode == 0, p.stderr[-2000:]
   m16, _, _ = load_infinity(out, with_vae=False)  # stored bf16, loaded into fp32 params
   np.testing.assert_array_equal(np.asarray(m16.head.kernel[...]),
                                 sd["head.weight"].to(torch.bfloat16).float().numpy().T)
@@ -176,3 +188,12 @@ def test_rules_fit_the_released_model_sizes(which):
   n = sum(int(np.prod(s)) for s in want.values())
   print(f"Infinity-{which}: {n / 1e9:.3f}B parameters")
   assert cfg.pool_heads == 16 and cfg.head_dim == 128
+
+
+def test_cli_usage_errors(tmp_path):
+  p = _cli("--vae", "x.pth", "--out", str(tmp_path / "o"))  # --model missing
+  assert p.returncode != 0 and "--model" in p.stderr and "Traceback" not in p.stderr
+  p = _cli("--model", "m.pth", "--vae", "v.pth", "--out", str(tmp_path / "o"), "--dtype",
+           "float8")
+  assert p.returncode != 0 and "float8" in p.stderr and "Traceback" not in p.stderr
+  assert not (tmp_path / "o").exists()
