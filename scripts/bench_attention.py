@@ -1,5 +1,9 @@
 """Attention benchmark on one GPU: our Pallas kernels vs cuDNN dense and PyTorch FlexAttention.
 
+Ours: the Mosaic GPU (Hopper) kernel, persistent and not ("ours_mgpu*" rows: dense, CSLA
+block-granular, random masks) and the Triton-lowered kernels ("ours_pallas": dense,
+block-granular and exact masks, 2D-tile CSLA, gather, column sums).
+
 Usage (on the H100):  python scripts/bench_attention.py --out /tmp/bench
 It runs the JAX part in this process and the PyTorch part in a subprocess (same card, same
 run; separate allocators), then prints one table and writes bench.json.
@@ -8,12 +12,13 @@ Shapes: Infinity 1024x1024 schedule, batch 2 (CFG), head dim 128, bf16, 16 heads
 28 heads (8B); query scales 10, 11, 12 against all earlier keys (KV-cache layout). Masks:
 SparVAR's CSLA defaults (block-granular and exact, 128x128 blocks as the paper; plus 64x64
 blocks for ours), random per-head 128x128 block masks at 5/10/20/30% (scale 12), token
-gather at 20% of keys (scales 11, 12; groups of 192 queries), dense + column sums at the
+gather at 20% of keys (scales 11, 12; groups of 192 queries, plus --gather-groups with
+--gather-tiles), dense + column sums at the
 decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
 (the model's KV cache layout); cuDNN and Flex get the exact length.
 Times: JAX = median over 7 repeats of the mean of back-to-back calls (host clock,
-synchronised); torch = median of 3 triton.testing.do_bench medians (its own warm-up). Within each part, all
-kernels of one shape are timed round-robin (repeat r times every kernel once); each slot
+synchronised); torch = median of 3 triton.testing.do_bench medians (its own warm-up).
+Within each part, all kernels of one shape are timed round-robin (repeat r times every kernel once); each slot
 warms its kernel up for ~15 ms untimed, then times ~20 ms of back-to-back calls. Seen on the
 H100: timed right after a long dense kernel, a sparse one ran up to ~20% slower; timed after
 an idle gap, short kernels ran ~20% slower (clocks ramping). `spread` = (max-min)/median.

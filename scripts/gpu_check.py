@@ -4,8 +4,11 @@ Usage (on the H100, from the repository root):
   PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out "$OUT"
   PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out "$OUT" --skip-checks --skip-bench \
       --models var16,var30,inf2b,inf8b
-Writes checks.json (tests/test_kernels_gpu.py's CHECKS, run without pytest), the attention
-benchmark's bench.json / jax.json / torch.json / masks.npz, and with --models the
+  PYTHONUNBUFFERED=1 python scripts/gpu_check.py --out "$OUT" --skip-bench --only mgpu_dense,gather
+Writes checks.json (tests/test_kernels_gpu.py's CHECKS — Mosaic and Triton kernels, the
+models' attention glue — run without pytest; SM clocks/power logged), the attention
+benchmark's bench.json / jax.json / torch.json / masks.npz (--bench-args passes flags to
+scripts/bench_attention.py, e.g. "--heads 16 --scales 12"), and with --models the
 end-to-end model benchmarks (ours vs the official PyTorch code, same call) as models.json.
 The official baselines need their source in ignored folders: `.baseline/var_src`
 (FoundationVision/VAR `models/` + `dist.py`) and `.baseline/official_infinity` (the
