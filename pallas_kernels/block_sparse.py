@@ -37,6 +37,14 @@ def _is_pow2(n: int) -> bool:
   return n >= 1 and (n & (n - 1)) == 0
 
 
+def _check_triton_tiles(cfg) -> None:
+  """Triton tiles (cfg.block_q, cfg.block_kv) must be powers of two >= 16."""
+  for name in ("block_q", "block_kv"):
+    val = getattr(cfg, name)
+    if not _is_pow2(val) or val < 16:
+      raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tiles).")
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockSparseConfig:
   """Kernel tile and Triton launch parameters."""
@@ -46,10 +54,7 @@ class BlockSparseConfig:
   num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      v = getattr(self, name)
-      if not _is_pow2(v) or v < 16:
-        raise ValueError(f"{name}={v} must be a power of two >= 16 (Triton tiles).")
+    _check_triton_tiles(self)
     if self.num_warps not in (1, 2, 4, 8, 16):
       raise ValueError(f"num_warps={self.num_warps} must be one of 1, 2, 4, 8, 16.")
     if self.num_stages < 1:
@@ -68,7 +73,9 @@ def _check_qkv(q, k, v, kv_len):
 
 
 def _pad_axis(x, axis, size, value=0):
-  if x.shape[axis] == size:
+  """Pads `axis` up to `size` rows; a longer array is returned as it is (buffers may run past
+  the rows a kernel reads, e.g. a KV cache padded further)."""
+  if x.shape[axis] >= size:
     return x
   pads = [(0, 0)] * x.ndim
   pads[axis] = (0, size - x.shape[axis])

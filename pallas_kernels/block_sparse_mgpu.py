@@ -41,8 +41,8 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.block_mask import BlockMask
+from pallas_kernels.block_sparse import LOG2E, _check_qkv, _pad_axis
 
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _COMPUTE_WGS = 2
 
@@ -412,16 +412,6 @@ def tile_schedule(num_tiles: int, num_ctas: int):
   return np.where(items < num_tiles, items, 0), (items < num_tiles).sum(axis=1).astype(np.int32)
 
 
-def _pad_axis(x, axis, size):
-  """Pads axis up to `size` rows (a longer buffer is left as it is: rows past kv_len are
-  never read)."""
-  if x.shape[axis] >= size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
-
-
 @functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config"))
 def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 kv_len: int | None = None, scale: float | None = None,
@@ -439,9 +429,6 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   b, lq, h, d = q.shape
-  if k.shape != v.shape or k.shape[0] != b or k.shape[2:] != (h, d):
-    raise ValueError(f"q [B, Lq, H, D] and k, v [B, Lk, H, D] must agree; got {q.shape=}, "
-                     f"{k.shape=}, {v.shape=}.")
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
   why = supports(q, mask, config)
@@ -453,8 +440,9 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
       raise ValueError(f"q has {lq} queries but the mask was built for q_len={mask.q_len}.")
     kv_len = mask.kv_len
   kv_len = k.shape[1] if kv_len is None else kv_len
-  if not 0 < kv_len <= k.shape[1]:
-    raise ValueError(f"kv_len={kv_len} must be in [1, {k.shape[1]}] (the K/V buffer length).")
+  _check_qkv(q, k, v, kv_len)
+  if kv_len < 1:
+    raise ValueError(f"kv_len={kv_len} must be >= 1.")
   bq, bk = config.block_q, config.block_kv
   tile_q = _COMPUTE_WGS * bq
   nq = -(-lq // tile_q)

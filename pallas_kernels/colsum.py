@@ -22,8 +22,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels.block_mask import BlockMask
-from pallas_kernels.block_sparse import (LOG2E, BlockSparseConfig, _check_qkv, _is_pow2,
-                                         _pad_axis, block_sparse_attention)
+from pallas_kernels.block_sparse import (LOG2E, BlockSparseConfig, _check_qkv,
+                                         _check_triton_tiles, _pad_axis, block_sparse_attention)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,7 @@ class ColsumConfig:
   dense: BlockSparseConfig = BlockSparseConfig()
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      val = getattr(self, name)
-      if not _is_pow2(val) or val < 16:
-        raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tiles).")
+    _check_triton_tiles(self)
 
 
 def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block_q, num_groups):

@@ -24,8 +24,8 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
 from pallas_kernels.block_mask import TokenBoxRule
-from pallas_kernels.block_sparse import (LOG2E, _M_INIT, _check_qkv, _is_pow2,
-                                         _online_softmax_step, _pad_axis)
+from pallas_kernels.block_sparse import (LOG2E, _M_INIT, _check_qkv, _check_triton_tiles,
+                                         _is_pow2, _online_softmax_step, _pad_axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +37,7 @@ class GatherConfig:
   num_stages: int = 2
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      val = getattr(self, name)
-      if not _is_pow2(val) or val < 16:
-        raise ValueError(f"{name}={val} must be a power of two >= 16 (Triton tiles).")
+    _check_triton_tiles(self)
 
 
 def validate_gather_lists(indices, counts, kv_len: int):
