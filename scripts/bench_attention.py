@@ -108,9 +108,9 @@ def jax_part(args):
 
   pending = []
 
-  def timed_row(fn, xs, flops=None, base=None, **kw):
-    """Queue fn(*xs) for this shape's interleaved timing round (`run_round`)."""
-    del base  # vs_cudnn comes from the round's own cuDNN row
+  def timed_row(fn, xs, flops=None, **kw):
+    """Queue fn(*xs) for this shape's interleaved timing round (`run_round`); its vs_cudnn
+    comes from the round's own cuDNN row."""
     pending.append((fn, xs, flops, kw))
 
   def run_round(reps=7, warm_ms=15.0, window_ms=20.0):
@@ -212,15 +212,15 @@ def jax_part(args):
       lq, lk = shape_of(scale)
       q, k, v, kb, vb = inputs(heads, scale)
       dense_flops = 4.0 * B * heads * lq * lk * D
-      t_cudnn = timed_row(cudnn, (q, k, v), dense_flops, heads=heads, scale=scale,
-                          impl="jax_cudnn", mask="dense", frac=1.0) or float("nan")
+      timed_row(cudnn, (q, k, v), dense_flops, heads=heads, scale=scale, impl="jax_cudnn",
+                mask="dense", frac=1.0)
       dm = BlockMask.dense(q_len=lq, kv_len=lk, block_q=128, block_kv=128)
-      timed_row(bs_fn(dm, None, cfg_of["dense"]), (q, kb, vb), dense_flops, t_cudnn,
+      timed_row(bs_fn(dm, None, cfg_of["dense"]), (q, kb, vb), dense_flops,
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
       if use_mgpu:
         for mcfg in mgpu_dense_cfgs:
           name = "ours_mgpu" if mcfg.persistent else "ours_mgpu_nonpersistent"
-          timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, t_cudnn, heads=heads,
+          timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, heads=heads,
                     scale=scale, impl=name,
                     mask="dense", frac=1.0, config=str(mcfg))
       rule = csla.csla_rule(scale)
@@ -233,12 +233,12 @@ def jax_part(args):
           masks_out[f"csla_{scale}"] = m.block_types()
         for mode, r in (("block", None), ("exact", rule)):
           cfg = cfg_of[mode] if blk == 128 else BlockSparseConfig(64, 64, 4, 2)
-          timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+          timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, heads=heads,
                     scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
                     config=str(cfg))
         if use_mgpu and blk == 128:
           for mcfg in (mgpu_p, mgpu_np):
-            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
                       scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
                       mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
@@ -249,7 +249,7 @@ def jax_part(args):
               q, k, v, plan["indices"], plan["counts"], group_size=plan["group_size"],
               q_perm=jnp.asarray(plan["q_perm"]), rule=plan["rule"] if mode == "exact" else None,
               config=GatherConfig(64, 64, 4, 2), interpret=interp))
-          timed_row(f, (q, k, v), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+          timed_row(f, (q, k, v), dense_flops * frac, heads=heads, scale=scale,
                     impl="ours_pallas", mask=f"csla_tile8_{mode}", frac=frac)
       if scale == last:
         for dens in DENSITIES:
@@ -257,11 +257,11 @@ def jax_part(args):
           m = BlockMask.from_block_types(tbl, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
           masks_out[f"rand_{heads}_{int(dens * 100)}"] = m.block_types()
           frac = m.visited_pairs() / (lq * lk)
-          timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac, t_cudnn,
+          timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
           for mcfg in ((mgpu_p, mgpu_np) if use_mgpu else ()):
-            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, t_cudnn, heads=heads,
+            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
                       scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
                       mask=f"random{int(dens * 100)}", frac=frac)
       if scale in sorted(args.scales)[-2:] and not args.no_gather:
@@ -276,7 +276,7 @@ def jax_part(args):
         for gcfg in (GatherConfig(64, 64, 4, 2), GatherConfig(64, 64, 4, 3)):
           f = jax.jit(lambda q, k, v, r, gcfg=gcfg: gather_attention(
               q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
-          timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+          timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
         # Other group sizes (the query group is a parameter of CS4A): 128-query tiles
         # halve the gathered K/V traffic per query.
@@ -289,7 +289,7 @@ def jax_part(args):
           for gcfg in gcfgs:
             f = jax.jit(lambda q, k, v, r, gcfg=gcfg, idx2=idx2, cnt2=cnt2, g2=g2:
                         gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
-            timed_row(f, (q, k, v, res), dense_flops * frac, t_cudnn, heads=heads, scale=scale,
+            timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                       impl="ours_pallas", mask=f"gather20_g{g2}", frac=frac, config=str(gcfg))
       if scale == first and not args.no_gather:
         ccfgs = [ColsumConfig()]
@@ -302,7 +302,7 @@ def jax_part(args):
             f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
                 q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
                 config=ccfg, interpret=interp))
-            timed_row(f, (q, k, v), None, t_cudnn, heads=heads, scale=scale,
+            timed_row(f, (q, k, v), None, heads=heads, scale=scale,
                       impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0,
                       config=f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
       run_round()
