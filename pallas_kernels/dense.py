@@ -1,10 +1,11 @@
 """Dense attention for the rest of the model: one switch over the implementations we have.
 
 "auto": cuDNN on a GPU, XLA elsewhere.
-"cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; fastest measured: 553-584
-  TFLOP/s at 4096 x 10521 on the H100 vs 427 for our Triton-lowered Pallas kernel).
-"pallas": our block-sparse kernel with every block visited (any Lk; Triton lowering).
-"mosaic": our Hopper kernel (block_sparse_mgpu.py, Pallas Mosaic GPU; bf16/fp16, D 64/128).
+"cudnn": `jax.nn.dot_product_attention(implementation="cudnn")` (GPU; 577-591 TFLOP/s at
+  4096 x 10521 on the H100, the default).
+"pallas": our block-sparse kernel with every block visited (any Lk; Triton lowering; ~400).
+"mosaic": our Hopper kernel (block_sparse_mgpu.py, Pallas Mosaic GPU; bf16/fp16, D 64/128;
+  611-621 TFLOP/s in the same runs, 1.00-1.09x cuDNN over scales 10-12; opt-in).
 "xla": `jax.nn.dot_product_attention(implementation="xla")` (portable fallback, CPU tests).
 """
 
