@@ -174,16 +174,33 @@ def choose_backend(q, mask: BlockMask, rule: TokenBoxRule | None, backend: str,
   return "mosaic" if block_sparse_mgpu.supports(q, mask) is None else "triton"
 
 
+# Tiles measured best on the H100 (WORKSPACE.md "Kernels", tuning at scale 12): exact masks
+# like 64x64 (finer sub-blocks skip more of a partial block), block-granular 128x64.
+EXACT_CONFIG = BlockSparseConfig(64, 64, 4, 2)
+BLOCK_CONFIG = BlockSparseConfig(128, 64, 4, 2)
+
+
+def _concrete(*trees) -> bool:
+  return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
+
+
 def block_sparse_attention(q, k, v, mask: BlockMask, rule: TokenBoxRule | None = None, *,
                            scale: float | None = None, return_lse: bool = False,
-                           config: BlockSparseConfig = BlockSparseConfig(),
-                           interpret: bool = False, backend: str = "auto"):
+                           config: BlockSparseConfig | None = None,
+                           interpret: bool = False, backend: str = "auto",
+                           refine: bool = True):
   """Block-sparse attention; see `_block_sparse_attention_triton` for the arguments.
 
   backend: "triton" (portable Pallas kernel: both semantics, any tile), "mosaic" (the Hopper
   kernel in block_sparse_mgpu.py: block-granular, 128 x 128 blocks, bf16/fp16) or "auto"
   (mosaic where it applies, measured faster on every mask on the H100; else triton).
+  config: Triton tiles; None = EXACT_CONFIG with a rule, else BLOCK_CONFIG.
+  refine: in exact mode with a concrete mask and rule (static masks, e.g. CSLA's), walk the
+  kernel's finer tiles instead of the mask's blocks (`BlockMask.refined`): the same output,
+  minus the sub-blocks the rule leaves empty. A traced mask is used as given.
   """
+  if config is None:
+    config = EXACT_CONFIG if rule is not None else BLOCK_CONFIG
   chosen = choose_backend(q, mask, rule, backend, interpret)
   if chosen == "mosaic":
     if rule is not None:
@@ -191,6 +208,10 @@ def block_sparse_attention(q, k, v, mask: BlockMask, rule: TokenBoxRule | None =
                                 "(rule given) need backend='triton'.")
     from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
     return block_sparse_attention_mgpu(q, k, v, mask, scale=scale, return_lse=return_lse)
+  if (refine and rule is not None and _concrete(mask, rule)
+      and (config.block_q, config.block_kv) != (mask.block_q, mask.block_kv)
+      and mask.block_q % config.block_q == 0 and mask.block_kv % config.block_kv == 0):
+    mask = mask.refined(rule, block_q=config.block_q, block_kv=config.block_kv)
   return _block_sparse_attention_triton(q, k, v, mask, rule, scale=scale, return_lse=return_lse,
                                         config=config, interpret=interpret)
 

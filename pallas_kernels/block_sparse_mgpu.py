@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import heapq
 import math
 
 import jax
@@ -62,6 +63,10 @@ class MosaicConfig:
   # 621 vs 578 TFLOP/s, random 10% blocks 420 vs 350 TFLOP/s over visited blocks.
   persistent: bool = True
   num_ctas: int | None = None
+  # Persistent work split: "list" deals tiles in launch order, each to the CTA that frees up
+  # first by the mask's step counts (needs a concrete mask; a traced one falls back to
+  # round-robin), the last `_SORTED_TAIL` of them longest first; "round_robin" ignores costs.
+  schedule: str = "list"
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -72,6 +77,8 @@ class MosaicConfig:
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
                        "(double buffering at least).")
+    if self.schedule not in ("list", "round_robin"):
+      raise ValueError(f"schedule={self.schedule!r} must be 'list' or 'round_robin'.")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be >= 1 (or None: one per SM).")
 
@@ -169,9 +176,17 @@ def _schedule(st: _Static, num_ref, idx_ref, qi, hi, bi):
   return total, block_at, has_tail
 
 
-def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg):
+def _schedule_barrier(schedule):
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  plgpu.barrier_arrive(schedule)
+  plgpu.barrier_wait(schedule)
+
+
+def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg, edges=True):
   """One compute warpgroup's 64 query rows over `total` streamed K/V steps; the ring slot of
-  step s is (g0 + s) % ring. Returns the unnormalised (acc, m, l)."""
+  step s is (g0 + s) % ring. Returns the unnormalised (acc, m, l). edges=False leaves the
+  ping-pong's opening and closing half-phase to the caller (persistent: once per CTA, so the
+  phase runs on across tiles instead of draining at each)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -181,9 +196,7 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
   # jax 0.11.2's Mosaic GPU lowering ("Shaped arrays must be represented by ir.Values").
   ring = lambda: jnp.int32(st.ring)
 
-  def schedule_barrier():
-    plgpu.barrier_arrive(schedule)
-    plgpu.barrier_wait(schedule)
+  schedule_barrier = functools.partial(_schedule_barrier, schedule)
 
   m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
   l_i = plgpu.layout_cast(jnp.full((bq,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -195,7 +208,8 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
   # FA3 ping-pong: warpgroup 1 starts one phase late, so one runs softmax while the other
   # holds the tensor cores; warpgroup 0 pays the phase back at the end.
-  pl.when(wg == 1)(schedule_barrier)
+  if edges:
+    pl.when(wg == 1)(schedule_barrier)
 
   def step_body(step, carry, cut):
     acc, m_i, l_i = carry
@@ -246,7 +260,8 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
   carry = lax.fori_loop(0, total - has_tail, functools.partial(step_body, cut=False), carry)
   if st.kv_len % st.block_kv:
     carry = lax.fori_loop(total - has_tail, total, functools.partial(step_body, cut=True), carry)
-  pl.when(wg == 0)(schedule_barrier)
+  if edges:
+    pl.when(wg == 0)(schedule_barrier)
   return carry
 
 
@@ -363,7 +378,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
       total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
-                      total, has_tail, g0, wg)
+                      total, has_tail, g0, wg, edges=False)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
       _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
              qi * tile_q + wg * st.block_q)
@@ -372,7 +387,12 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
       return g0 + total
 
+    # Both warpgroups pass two schedule barriers per step of every tile, so the ping-pong
+    # offset opened here holds across tile boundaries: warpgroup 0 starts the next tile's
+    # first QK while warpgroup 1 finishes this one, and the offset is paid back once.
+    pl.when(wg == 1)(functools.partial(_schedule_barrier, schedule))
     lax.fori_loop(0, my_tiles, tile, cta - cta)
+    pl.when(wg == 0)(functools.partial(_schedule_barrier, schedule))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
@@ -396,27 +416,53 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     lax.fori_loop(0, my_tiles, tile, cta - cta)
 
 
-def tile_schedule(num_tiles: int, num_ctas: int):
-  """Work table of the persistent kernel: CTA c runs tiles c, c + G, c + 2G, ... (launch order
-  = query tiles fastest, so the tiles in flight at any time are neighbours of one head and
-  share its K/V in L2). Returns numpy (work [G, R] int32 tile ids padded with 0, count [G]).
+# List schedule (MosaicConfig.schedule="list"): a tile's cost in K/V steps is its list length
+# plus this fixed part (Q wait, epilogue, the store), and the last fraction of tiles in launch
+# order is dealt longest first (the wave that decides when the busiest CTA ends).
+_TILE_OVERHEAD_STEPS = 1.0
+_SORTED_TAIL = 0.2
 
-  Measured alternatives (H100, WORKSPACE run 7): sorting tiles by step count and dealing them
-  in a snake balanced the busiest CTA better on paper (random 5%: 49 steps vs 65, ideal 47)
-  but ran slower (L2 locality lost). List scheduling in launch order (what the hardware does
-  for a plain grid) keeps locality and predicts 2-17% less for the busiest CTA; it needs the
-  mask's counts on the host, which the jitted entry point does not have (not built).
+
+def tile_schedule(num_tiles: int, num_ctas: int, costs=None):
+  """Work table of the persistent kernel. Returns numpy (work [G, R] int32 tile ids padded
+  with 0, count [G]); tile t = qi + nQ * (head + H * batch) (launch order: query tiles of one
+  head together, so the tiles in flight share that head's K/V in L2).
+
+  costs None: round-robin, CTA c runs tiles c, c + G, c + 2G, ...
+  costs [num_tiles] (K/V steps per tile, from a concrete mask): list scheduling — tiles in
+  launch order, each to the CTA whose queue ends first (ties: lowest CTA), what the hardware
+  does for a plain grid but without its launch gaps; the last `_SORTED_TAIL` of the tiles is
+  dealt longest first, which evens out the final wave. Simulated on CSLA and random masks at
+  the 1024 schedule (WORKSPACE.md): the busiest CTA's steps drop 1-6% (CSLA) and 5-12%
+  (random 5-30%) against round-robin. Sorting *all* tiles by cost (a snake) balanced best on
+  paper but ran slower on the H100 (run 7: the tiles in flight no longer share a head's K/V).
   """
-  rounds = -(-num_tiles // num_ctas)
-  items = np.arange(rounds * num_ctas, dtype=np.int32).reshape(rounds, num_ctas).T
-  return np.where(items < num_tiles, items, 0), (items < num_tiles).sum(axis=1).astype(np.int32)
+  if costs is None:
+    rounds = -(-num_tiles // num_ctas)
+    items = np.arange(rounds * num_ctas, dtype=np.int32).reshape(rounds, num_ctas).T
+    return np.where(items < num_tiles, items, 0), (items < num_tiles).sum(axis=1).astype(np.int32)
+  costs = np.asarray(costs, np.float64).reshape(-1) + _TILE_OVERHEAD_STEPS
+  if costs.shape != (num_tiles,):
+    raise ValueError(f"costs has {costs.size} entries for {num_tiles} tiles.")
+  head = num_tiles - int(num_tiles * _SORTED_TAIL)
+  tail = head + np.argsort(-costs[head:], kind="stable")
+  order = np.concatenate([np.arange(head), tail])
+  heap = [(0.0, c) for c in range(num_ctas)]
+  lists = [[] for _ in range(num_ctas)]
+  for t in order:
+    load, c = heapq.heappop(heap)
+    lists[c].append(int(t))
+    heapq.heappush(heap, (load + costs[t], c))
+  width = max(1, max(len(x) for x in lists))
+  work = np.zeros((num_ctas, width), np.int32)
+  for c, x in enumerate(lists):
+    work[c, :len(x)] = x
+  return work, np.array([len(x) for x in lists], np.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config"))
 def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 kv_len: int | None = None, scale: float | None = None,
-                                return_lse: bool = False,
-                                config: MosaicConfig = MosaicConfig()):
+                                return_lse: bool = False, config: MosaicConfig = MosaicConfig()):
   """Block-granular block-sparse attention (mask given) or dense attention (mask None).
 
   q [B, Lq, H, D], k, v [B, Lk_buf, H, D], bf16 or fp16, D in (64, 128). Keys past kv_len
@@ -424,10 +470,11 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   block_kv avoids a copy. mask blocks must be (2 * block_q) x block_kv = 128 x block_kv.
   Returns out [B, Lq, H, D] and with return_lse the natural-log log-sum-exp [B, H, Lq] f32
   (-inf for a query whose list is empty; its output is 0).
-  """
-  import jax.experimental.pallas as pl
-  import jax.experimental.pallas.mosaic_gpu as plgpu
 
+  The visit lists and the persistent work table are built here, on the host, when the mask
+  is concrete (numpy masks stay constants under an outer jit); a traced mask gets device
+  lists and the round-robin table.
+  """
   b, lq, h, d = q.shape
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
@@ -443,35 +490,49 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   _check_qkv(q, k, v, kv_len)
   if kv_len < 1:
     raise ValueError(f"kv_len={kv_len} must be >= 1.")
+  nq = -(-lq // config.mask_block_q)
+  nk = -(-kv_len // config.block_kv)
+  costs = None
+  if mask is None:
+    num = np.full((1, 1, 1), nk, np.int32)
+    idx = np.zeros((1, 1, 1, 1), np.int32)
+  else:
+    num, idx = visit_lists(mask)
+    bm, hm = num.shape[:2]
+    if bm not in (1, b) or hm not in (1, h):
+      raise ValueError(f"mask batch/head dims {(bm, hm)} must be 1 or match q's {(b, h)}.")
+    if isinstance(num, np.ndarray) and config.schedule == "list":
+      costs = np.broadcast_to(num, (b, h, nq)).reshape(-1)
+  work = nwork = np.zeros((1,), np.int32)
+  if config.persistent:
+    num_tiles = nq * h * b
+    work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs)
+  return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
+                    jnp.asarray(nwork), kv_len=kv_len, scale=scale, return_lse=return_lse,
+                    config=config, dense=mask is None)
+
+
+@functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config", "dense"))
+def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, config, dense):
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+
+  b, lq, h, d = q.shape
   bq, bk = config.block_q, config.block_kv
   tile_q = _COMPUTE_WGS * bq
   nq = -(-lq // tile_q)
   nk = -(-kv_len // bk)
   qp = _pad_axis(q, 1, nq * tile_q)
   kp, vp = _pad_axis(k, 1, nk * bk), _pad_axis(v, 1, nk * bk)
-  if mask is None:
-    num = jnp.full((1, 1, 1), nk, jnp.int32)
-    idx = jnp.zeros((1, 1, 1, 1), jnp.int32)
-    sel_b = sel_h = False
-  else:
-    num, idx = (jnp.asarray(x) for x in visit_lists(mask))
-    bm, hm = num.shape[:2]
-    if bm not in (1, b) or hm not in (1, h):
-      raise ValueError(f"mask batch/head dims {(bm, hm)} must be 1 or match q's {(b, h)}.")
-    sel_b, sel_h = bm > 1, hm > 1
   ring = config.max_concurrent_steps
   dtype = q.dtype
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
-               num_kv_blocks=nk, dense=mask is None, sel_b=sel_b, sel_h=sel_h,
+               num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
                return_lse=return_lse)
-  num_tiles = nq * h * b
-  work = nwork = jnp.zeros((1,), jnp.int32)
   if config.persistent:
-    num_ctas = min(num_tiles, config.num_ctas or _num_sms())
-    work, nwork = (jnp.asarray(x) for x in tile_schedule(num_tiles, num_ctas))
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
-    grid, names = (num_ctas,), ("sm",)
+    grid, names = (work.shape[0],), ("sm",)
   else:
     kernel = functools.partial(_kernel, st=st)
     if config.q_tiles_fastest:

@@ -157,15 +157,19 @@ def jax_part(args):
         extra["vs_cudnn"] = base[0] / ms
       row(**kw, **extra)
 
-  def bs_fn(m, rule, cfg):
+  def bs_fn(m, rule, cfg, refine=True):
     return jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, rule, config=cfg, backend="triton",
-                                                          interpret=interp))
+                                                          interpret=interp, refine=refine))
 
   cudnn = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation=dense_impl))
   # Hopper kernel (Mosaic GPU): only where it compiles (an sm_90 GPU).
   use_mgpu = (not interp) and not args.no_mgpu
   mgpu_p = MosaicConfig(persistent=True)
+  mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
   mgpu_np = MosaicConfig(persistent=False)
+  mgpu_masked = (mgpu_p, mgpu_rr, mgpu_np)
+  mgpu_name = lambda c: ("ours_mgpu" if c.persistent and c.schedule == "list" else
+                         "ours_mgpu_rr" if c.persistent else "ours_mgpu_nonpersistent")
   mgpu_dense_cfgs = [mgpu_p, mgpu_np]
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
@@ -233,14 +237,19 @@ def jax_part(args):
           masks_out[f"csla_{scale}"] = m.block_types()
         for mode, r in (("block", None), ("exact", rule)):
           cfg = cfg_of[mode] if blk == 128 else BlockSparseConfig(64, 64, 4, 2)
+          # Exact rows: the kernel walks the mask refined to its 64x64 tiles (same output);
+          # frac stays the 128-mask's pairs so TFLOP/s compare with Flex on the same mask.
           timed_row(bs_fn(m, r, cfg), (q, kb, vb), dense_flops * frac, heads=heads,
                     scale=scale, impl="ours_pallas", mask=f"csla{blk}_{mode}", frac=frac,
                     config=str(cfg))
+          if mode == "exact" and blk == 128:
+            timed_row(bs_fn(m, r, cfg, refine=False), (q, kb, vb), dense_flops * frac,
+                      heads=heads, scale=scale, impl="ours_pallas_unrefined",
+                      mask="csla128_exact", frac=frac, config=str(cfg))
         if use_mgpu and blk == 128:
-          for mcfg in (mgpu_p, mgpu_np):
+          for mcfg in mgpu_masked:
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
-                      scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
-                      mask="csla128_block", frac=frac)
+                      scale=scale, impl=mgpu_name(mcfg), mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
         plan = csla.csla_tile_plan(scale, tile=8)
         frac = plan["pairs"] / (lq * lk)
@@ -260,9 +269,9 @@ def jax_part(args):
           timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
-          for mcfg in ((mgpu_p, mgpu_np) if use_mgpu else ()):
+          for mcfg in (mgpu_masked if use_mgpu else ()):
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
-                      scale=scale, impl="ours_mgpu" + ("" if mcfg.persistent else "_nonpersistent"),
+                      scale=scale, impl=mgpu_name(mcfg),
                       mask=f"random{int(dens * 100)}", frac=frac)
       if scale in sorted(args.scales)[-2:] and not args.no_gather:
         g = 192 if not interp else 64
@@ -393,6 +402,19 @@ def torch_part(args):
       bme = create_block_mask(exact_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=dev,
                               BLOCK_SIZE=128)
       queue.append(("flex", "csla128_exact", lambda: flex(q, k, v, block_mask=bme), None))
+      # Flex on the exact mask at 64x64 blocks (what our exact kernel walks after refining):
+      # the same-granularity comparison. Its kernel tiles must divide the mask's blocks.
+      bme64 = create_block_mask(exact_mod, B=None, H=None, Q_LEN=lq, KV_LEN=lk, device=dev,
+                                BLOCK_SIZE=64)
+      for opts in (None, {"BLOCK_M": 64, "BLOCK_N": 64}):
+        fn64 = lambda opts=opts: flex(q, k, v, block_mask=bme64, kernel_options=opts)
+        try:
+          fn64()
+        except Exception as e:  # said, not hidden: the row is then missing
+          log(f"flex exact 64x64 with kernel_options={opts} failed: {repr(e)[:300]}")
+          continue
+        queue.append(("flex", "csla64_exact", fn64, None))
+        break
       if scale == last:
         for dens in DENSITIES:
           types = masks[f"rand_{heads}_{int(dens * 100)}"]
@@ -425,7 +447,7 @@ def merge_and_print(RJ, RT):
   key = lambda r: (r["heads"], r["scale"], r["mask"])
   flex = {key(r): r["ms"] for r in rows if r["impl"] == "flex"}
   tcud = {(r["heads"], r["scale"]): r["ms"] for r in rows if r["impl"] == "torch_cudnn"}
-  alias = {"csla64_block": "csla128_block", "csla64_exact": "csla128_exact",
+  alias = {"csla64_block": "csla128_block",
            "csla_tile8_union": "csla128_block", "csla_tile8_exact": "csla128_exact"}
   for r in rows:
     if r["impl"] == "flex" and (r["heads"], r["scale"]) in tcud:

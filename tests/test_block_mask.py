@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import BlockMask, BlockSparseConfig, TokenBoxRule, block_sparse_attention
+from pallas_kernels import (BlockMask, BlockSparseConfig, TokenBoxRule, block_sparse_attention,
+                            token_mask_of)
 from sparvar_jax.sparse import csla
 
 
@@ -138,3 +139,52 @@ def test_csla_errors():
     csla.csla_token_mask(13)
   with pytest.raises(ValueError, match="win_size has 3 entries"):
     csla.csla_rule(5, win_size=(1, 1, 1))
+
+
+def _random_box_rule(rng, lq, lk, side=6):
+  qyx = rng.integers(0, side, size=(2, lq)).astype(np.int32)
+  lo = rng.integers(0, side, size=(2, lk))
+  hi = lo + rng.integers(-1, side, size=(2, lk))  # some empty boxes (hi < lo)
+  return TokenBoxRule(qyx, np.stack([lo[0], hi[0], lo[1], hi[1]]).astype(np.int32))
+
+
+@pytest.mark.parametrize("lq,lk,fine", [(60, 75, (16, 16)), (64, 96, (16, 32)), (33, 130, (32, 8))])
+def test_refined_mask_attends_the_same_pairs(lq, lk, fine):
+  """Exact semantics do not depend on block size: the refined mask applies the same token
+  mask (full parents stay whole even where the rule says no), in fewer or equal pairs."""
+  rng = np.random.default_rng(lq + lk)
+  rule = _random_box_rule(rng, lq, lk)
+  types = rng.integers(0, 3, size=(2, 3, -(-lq // 32), -(-lk // 32))).astype(np.int8)
+  m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=32, block_kv=32)
+  r = m.refined(rule, block_q=fine[0], block_kv=fine[1])
+  assert (r.block_q, r.block_kv) == fine and r.full_num_BHQ.shape[:2] == (2, 3)
+  np.testing.assert_array_equal(np.asarray(token_mask_of(r, rule)),
+                                np.asarray(token_mask_of(m, rule)))
+  assert r.visited_pairs() <= m.visited_pairs()
+  # The rule never reaches full blocks: a refined full parent is full in every sub-block.
+  parent = np.repeat(np.repeat(m.block_types(), 32 // fine[0], 2), 32 // fine[1], 3)
+  parent = parent[:, :, :r.num_q_blocks, :r.num_kv_blocks]
+  assert (r.block_types()[parent == 2] == 2).all() and (r.block_types()[parent == 0] == 0).all()
+
+
+def test_refined_csla_skips_pairs_and_kernel_output_is_unchanged():
+  rule = csla.csla_rule(5, (1, 2, 4, 6, 8, 12), sink_scales=2, win_size=(-1, -1, 1, 1, 3, 5))
+  m = BlockMask.from_rule(rule, block_q=32, block_kv=32)
+  r = m.refined(rule, block_q=16, block_kv=16)
+  assert r.visited_pairs() < 0.9 * m.visited_pairs()
+  rng = np.random.default_rng(1)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, 16)), jnp.float32)
+             for n in (rule.q_len, rule.kv_len, rule.kv_len))
+  cfg = BlockSparseConfig(16, 16)
+  a = block_sparse_attention(q, k, v, m, rule, config=cfg, interpret=True)
+  b = block_sparse_attention(q, k, v, m, rule, config=cfg, interpret=True, refine=False)
+  np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_refined_refuses_coarser_blocks_and_other_rule_shapes():
+  rng = np.random.default_rng(0)
+  m = BlockMask.dense(q_len=40, kv_len=50, block_q=16, block_kv=16)
+  with pytest.raises(ValueError, match="must divide"):
+    m.refined(_random_box_rule(rng, 40, 50), block_q=32, block_kv=16)
+  with pytest.raises(ValueError, match="rule tables"):
+    m.refined(_random_box_rule(rng, 41, 50), block_q=16, block_kv=16)

@@ -259,6 +259,17 @@ def test_csla_2d_tiles_through_the_gather_kernel(exact):
   assert plan["pairs"] < 0.5 * rule.q_len * rule.kv_len
 
 
+def test_csla_tile_plan_pads_lists_longer_than_the_keys():
+  """Scale 4 of the 1024 schedule: one 8x8 patch, 121 keys, lists padded to 128 slots."""
+  plan = csla.csla_tile_plan(4, tile=8)
+  n = plan["rule"].kv_len
+  assert plan["indices"].shape == (1, 1, 1, 128) and n == 121
+  assert int(plan["counts"].max()) <= n and int(plan["indices"].max()) < n
+  keep = csla.csla_token_mask(4)
+  np.testing.assert_array_equal(plan["indices"][0, 0, 0, :plan["counts"][0, 0, 0]],
+                                np.nonzero(keep.any(axis=0))[0])
+
+
 def test_csla_attention_variants_agree_in_exact_mode():
   rng = np.random.default_rng(11)
   kw = dict(schedule=SMALL_SCHEDULE[:5] + (16,), sink_scales=2, win_size=SMALL_WIN)
@@ -374,6 +385,37 @@ def test_tile_schedule_runs_every_tile_once_in_launch_order(n, g):
   assert sorted(np.concatenate(rows).tolist()) == list(range(n))
   assert [r.tolist() for r in rows] == [list(range(c, n, g)) for c in range(g)]
   assert count.max() - count.min() <= 1
+
+
+def _busiest(work, count, cost):
+  return max(cost[work[c, :count[c]]].sum() + count[c] for c in range(len(count)))
+
+
+@pytest.mark.parametrize("n,g,density", [(1024, 132, 0.05), (1792, 132, 0.2), (13, 5, 0.5)])
+def test_list_schedule_covers_every_tile_once_and_balances_better(n, g, density):
+  from pallas_kernels.block_sparse_mgpu import _SORTED_TAIL, tile_schedule
+  cost = np.random.default_rng(n).binomial(83, density, size=n)
+  work, count = tile_schedule(n, g, cost)
+  rows = [work[c, :count[c]] for c in range(g)]
+  assert sorted(np.concatenate(rows).tolist()) == list(range(n))
+  head = n - int(n * _SORTED_TAIL)
+  for r in rows:  # launch order kept before the sorted tail (K/V of one head stays in L2)
+    early = r[r < head]
+    assert (np.diff(early) > 0).all() and (r[:len(early)] == early).all()
+  rr_work, rr_count = tile_schedule(n, g)
+  assert _busiest(work, count, cost) <= _busiest(rr_work, rr_count, cost)
+
+
+def test_list_schedule_with_equal_costs_is_round_robin():
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, tile_schedule
+  work, count = tile_schedule(1000, 132, np.full(1000, 7))
+  rr_work, rr_count = tile_schedule(1000, 132)
+  np.testing.assert_array_equal(count, rr_count)
+  np.testing.assert_array_equal(work, rr_work)
+  with pytest.raises(ValueError, match="entries for 10 tiles"):
+    tile_schedule(10, 3, np.ones(9))
+  with pytest.raises(ValueError, match="schedule="):
+    MosaicConfig(schedule="lpt")
 
 
 def test_mgpu_kernel_lowers_with_a_traced_mask():

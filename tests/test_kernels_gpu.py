@@ -69,21 +69,25 @@ def _finish(name, err, out, extra=None):
   return rec
 
 
-def check_csla(query_scale=10, heads=4, d=128, exact=False, dtype=jnp.bfloat16, block=128):
+def check_csla(query_scale=10, heads=4, d=128, exact=False, dtype=jnp.bfloat16, block=128,
+               default_tiles=False):
+  """Triton kernel on CSLA; exact masks are refined to the kernel tiles (BlockMask.refined),
+  128x64 here or, default_tiles, the exact default 64x64."""
   rng = _rng()
   rule = csla.csla_rule(query_scale)
   m = csla.csla_block_mask(query_scale, block, block)
   lk_pad = -(-rule.kv_len // 128) * 128
   q, k, v = _qkv(rng, 2, rule.q_len, lk_pad, heads, d, dtype)
   use = rule if exact else None
-  cfg = BlockSparseConfig(block_q=min(block, 128), block_kv=64)
+  cfg = None if default_tiles else BlockSparseConfig(block_q=min(block, 128), block_kv=64)
   f = jax.jit(lambda q, k, v: block_sparse_attention(q, k, v, m, use, return_lse=True, config=cfg,
                                                       backend="triton"))
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, use, return_lse=True)
   err = max(_rel(out, ref), _rel(lse, ref_lse))
   return _finish(f"csla s{query_scale} {'exact' if exact else 'block'} b{block} D{d} "
-                 f"{jnp.dtype(dtype).name}", err, (out, lse))
+                 f"{jnp.dtype(dtype).name}{' default tiles' if default_tiles else ''}", err,
+                 (out, lse))
 
 
 def check_random_mask_empty_rows(d=128, dtype=jnp.bfloat16):
@@ -199,8 +203,11 @@ def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16, config=M
                  max(_rel(out, ref), _rel(lse, ref_lse)), (out, lse))
 
 
-def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig()):
-  """Per-(batch, head) random masks, an empty query block, odd Lq, kv_len cut."""
+def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(),
+                                 traced=False):
+  """Per-(batch, head) random masks, an empty query block, odd Lq, kv_len cut. A concrete
+  mask runs the list schedule (config.schedule="list"), a traced one (jit argument) the
+  round-robin table from device-built lists."""
   rng = _rng()
   b, lq, lk, h = 2, 1000, 3001, 3
   nq, nk = -(-lq // 128), -(-lk // 128)
@@ -209,8 +216,13 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(
   types[1, 2, 3] = 0  # query block 3 of (batch 1, head 2) sees nothing
   m = BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
   q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
-  f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True,
-                                                          config=config))
+  if traced:
+    fm = jax.jit(lambda q, k, v, m: block_sparse_attention_mgpu(q, k, v, m, return_lse=True,
+                                                                config=config))
+    f = lambda q, k, v: fm(q, k, v, m)
+  else:
+    f = jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, return_lse=True,
+                                                            config=config))
   out, lse = _poisoned(f, q, k, v)
   ref, ref_lse = block_sparse_attention_reference(q, k, v, m, return_lse=True)
   assert bool((out[1, 384:512, 2] == 0).all()), "empty rows must be zeros"
@@ -218,7 +230,9 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(
   fin = jnp.isfinite(ref_lse)
   err_lse = _rel(jnp.where(fin, lse, 0), jnp.where(fin, ref_lse, 0))
   return _finish(f"mgpu random 30% per-(b,h) + empty rows D{d}"
-                 f"{'' if config.persistent else ' non-persistent'}",
+                 f"{'' if config.persistent else ' non-persistent'}"
+                 f"{' traced mask' if traced else ''}"
+                 f"{' ' + config.schedule if config.persistent else ''}",
                  max(_rel(out, ref), err_lse), out)
 
 
@@ -270,6 +284,9 @@ CHECKS = [
     ("mgpu_np_csla_s12", lambda: check_mgpu_csla(config=_NONPERSISTENT)),
     ("mgpu_p_few_ctas", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(persistent=True, num_ctas=5))),
+    ("mgpu_rr_random_empty_rows", lambda: check_mgpu_random_empty_rows(
+        config=MosaicConfig(schedule="round_robin"))),
+    ("mgpu_traced_mask", lambda: check_mgpu_random_empty_rows(traced=True)),
     ("csla_tiles_s12", check_csla_tiles),
     ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
@@ -277,6 +294,8 @@ CHECKS = [
     ("csla_exact_s12_d64", lambda: check_csla(12, heads=2, d=64, exact=True)),
     ("csla_block_s11_fp16", lambda: check_csla(11, heads=2, exact=False, dtype=jnp.float16)),
     ("csla_exact_s12_b64", lambda: check_csla(12, heads=2, exact=True, block=64)),
+    ("csla_exact_s11_default_tiles", lambda: check_csla(11, heads=2, exact=True,
+                                                         default_tiles=True)),
     ("random_empty_rows", check_random_mask_empty_rows),
     ("dense", check_dense),
     ("gather", check_gather),

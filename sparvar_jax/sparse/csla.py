@@ -123,6 +123,8 @@ def csla_tile_plan(query_scale: int, tile: int = 8, multiple_of: int = 64,
   counts = tm.sum(-1).astype(np.int32)
   slots = int(-(-counts.max() // multiple_of) * multiple_of)
   order = np.argsort(~tm, axis=-1, kind="stable")[:, :slots].astype(np.int32)
+  # Early scales have fewer keys than one padded list (scale 4: 121 keys, 128 slots).
+  order = np.pad(order, ((0, 0), (0, slots - order.shape[1])))
   valid = np.arange(slots) < counts[:, None]
   indices = np.where(valid, order, 0).astype(np.int32)
   return dict(q_perm=q_perm, indices=indices[None, None], counts=counts[None, None],
