@@ -67,6 +67,9 @@ class MosaicConfig:
   # first by the mask's step counts (needs a concrete mask; a traced one falls back to
   # round-robin), the last `_SORTED_TAIL` of them longest first; "round_robin" ignores costs.
   schedule: str = "list"
+  # Persistent: the two compute warpgroups' ping-pong offset opens once per CTA and runs on
+  # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
+  pingpong_across_tiles: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -154,6 +157,7 @@ class _Static:
   sel_b: bool
   sel_h: bool
   return_lse: bool
+  pingpong_across_tiles: bool = True
 
 
 def _schedule(st: _Static, num_ref, idx_ref, qi, hi, bi):
@@ -378,7 +382,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
       total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
-                      total, has_tail, g0, wg, edges=False)
+                      total, has_tail, g0, wg, edges=not st.pingpong_across_tiles)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
       _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
              qi * tile_q + wg * st.block_q)
@@ -390,9 +394,11 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     # Both warpgroups pass two schedule barriers per step of every tile, so the ping-pong
     # offset opened here holds across tile boundaries: warpgroup 0 starts the next tile's
     # first QK while warpgroup 1 finishes this one, and the offset is paid back once.
-    pl.when(wg == 1)(functools.partial(_schedule_barrier, schedule))
+    if st.pingpong_across_tiles:
+      pl.when(wg == 1)(functools.partial(_schedule_barrier, schedule))
     lax.fori_loop(0, my_tiles, tile, cta - cta)
-    pl.when(wg == 0)(functools.partial(_schedule_barrier, schedule))
+    if st.pingpong_across_tiles:
+      pl.when(wg == 0)(functools.partial(_schedule_barrier, schedule))
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
@@ -529,7 +535,7 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
-               return_lse=return_lse)
+               return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)

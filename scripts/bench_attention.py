@@ -166,11 +166,13 @@ def jax_part(args):
   use_mgpu = (not interp) and not args.no_mgpu
   mgpu_p = MosaicConfig(persistent=True)
   mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
-  mgpu_np = MosaicConfig(persistent=False)
-  mgpu_masked = (mgpu_p, mgpu_rr, mgpu_np)
-  mgpu_name = lambda c: ("ours_mgpu" if c.persistent and c.schedule == "list" else
-                         "ours_mgpu_rr" if c.persistent else "ours_mgpu_nonpersistent")
-  mgpu_dense_cfgs = [mgpu_p, mgpu_np]
+  # Previous session's kernel: round-robin, ping-pong drained at every tile.
+  mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False)
+  mgpu_masked = (mgpu_p, mgpu_rr, mgpu_prev)
+  mgpu_name = lambda c: ("ours_mgpu_nonpersistent" if not c.persistent else
+                         "ours_mgpu_prev" if not c.pingpong_across_tiles else
+                         "ours_mgpu" if c.schedule == "list" else "ours_mgpu_rr")
+  mgpu_dense_cfgs = [mgpu_p, mgpu_prev]  # dense: equal tile costs, list = round-robin
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -223,9 +225,8 @@ def jax_part(args):
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
       if use_mgpu:
         for mcfg in mgpu_dense_cfgs:
-          name = "ours_mgpu" if mcfg.persistent else "ours_mgpu_nonpersistent"
           timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, heads=heads,
-                    scale=scale, impl=name,
+                    scale=scale, impl=mgpu_name(mcfg),
                     mask="dense", frac=1.0, config=str(mcfg))
       rule = csla.csla_rule(scale)
       masks_out[f"rule_q_{scale}"] = np.asarray(rule.q_yx_2Q)

@@ -418,6 +418,19 @@ def test_list_schedule_with_equal_costs_is_round_robin():
     MosaicConfig(schedule="lpt")
 
 
+@pytest.mark.parametrize("schedule,across", [("round_robin", False), ("list", True)])
+def test_mgpu_persistent_variants_lower(schedule, across):
+  from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+  types = (np.random.default_rng(2).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
+  m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
+  cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across, num_ctas=4)
+  q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
+  fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, config=cfg)
+  text = jax.jit(fn).trace(q, k, k).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
 def test_mgpu_kernel_lowers_with_a_traced_mask():
   from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
   types = (np.random.default_rng(1).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
