@@ -65,11 +65,17 @@ class MosaicConfig:
   num_ctas: int | None = None
   # Persistent work split: "list" deals tiles in launch order, each to the CTA that frees up
   # first by the mask's step counts (needs a concrete mask; a traced one falls back to
-  # round-robin), the last `_SORTED_TAIL` of them longest first; "round_robin" ignores costs.
+  # round-robin), the last `sorted_tail` of them longest first; "round_robin" ignores costs.
+  # A tile costs its step count + tile_overhead_steps (Q wait, epilogue, store).
   schedule: str = "list"
+  sorted_tail: float = 0.2
+  tile_overhead_steps: float = 1.0
   # Persistent: the two compute warpgroups' ping-pong offset opens once per CTA and runs on
   # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
   pingpong_across_tiles: bool = True
+  # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
+  # dependent global loads otherwise waited on at every tile start).
+  prefetch_tile_info: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -82,6 +88,10 @@ class MosaicConfig:
                        "(double buffering at least).")
     if self.schedule not in ("list", "round_robin"):
       raise ValueError(f"schedule={self.schedule!r} must be 'list' or 'round_robin'.")
+    if not 0.0 <= self.sorted_tail <= 1.0:
+      raise ValueError(f"sorted_tail={self.sorted_tail} must be a fraction in [0, 1].")
+    if self.tile_overhead_steps < 0:
+      raise ValueError(f"tile_overhead_steps={self.tile_overhead_steps} must be >= 0.")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be >= 1 (or None: one per SM).")
 
@@ -158,19 +168,27 @@ class _Static:
   sel_h: bool
   return_lse: bool
   pingpong_across_tiles: bool = True
+  prefetch_tile_info: bool = True
+
+
+def _block_at(st: _Static, idx_ref, qi, hi, bi):
+  """step -> key block index of tile (qi, hi, bi)."""
+  if st.dense:
+    return lambda step: step
+  mb, mh = (bi if st.sel_b else 0), (hi if st.sel_h else 0)
+  return lambda step: idx_ref[mb, mh, qi, step]
 
 
 def _schedule(st: _Static, num_ref, idx_ref, qi, hi, bi):
   """(step count, step -> key block, 1 if the last step is the block cut by kv_len)."""
+  block_at = _block_at(st, idx_ref, qi, hi, bi)
   if st.dense:
     # The count is read from memory even here: a compile-time trip count makes Mosaic GPU
     # (jax 0.11.2) emit the loops differently and fail on a captured constant.
     total = num_ref[0, 0, 0]
-    block_at = lambda step: step
   else:
     mb, mh = (bi if st.sel_b else 0), (hi if st.sel_h else 0)
     total = num_ref[mb, mh, qi]
-    block_at = lambda step: idx_ref[mb, mh, qi, step]
   if st.kv_len % st.block_kv:
     # Lists are ascending, so the cut block can only come last.
     last = jnp.maximum(total - 1, 0)
@@ -371,16 +389,36 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     rest = lax.div(t, jnp.int32(num_q_tiles))
     return qi, lax.rem(rest, jnp.int32(num_heads)), lax.div(rest, jnp.int32(num_heads))
 
+  def tile_info(i):
+    """(qi, hi, bi, steps, has_tail) of this CTA's tile i, clamped into its list: a chain of
+    dependent global loads (work -> count -> last index), so st.prefetch_tile_info issues it
+    one tile ahead and carries the values instead of waiting on it at every tile start."""
+    qi, hi, bi = coords(jnp.maximum(jnp.minimum(i, my_tiles - 1), 0))
+    total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
+    return qi, hi, bi, total, has_tail
+
+  def walk(body):
+    """fori_loop over this CTA's tiles; body(i, g0, info) -> steps, info = tile_info(i)."""
+    def step(i, carry):
+      g0, cur = carry[0], carry[1:]
+      if st.prefetch_tile_info:
+        nxt = tile_info(i + 1)
+      else:
+        cur = nxt = tile_info(i)
+      return (g0 + body(i, g0, cur), *nxt)
+
+    zero = cta - cta  # a traced zero (see _kernel)
+    lax.fori_loop(0, my_tiles, step, (zero, *tile_info(zero)))
+
   @pl.when(wg < _COMPUTE_WGS)
   def _compute():
     plgpu.set_max_registers(232, action="increase")
 
-    def tile(i, g0):
-      qi, hi, bi = coords(i)
+    def tile(i, g0, info):
+      qi, hi, bi, total, has_tail = info
       buf = lax.rem(i, jnp.int32(2))
       q_smem = q_smem4.at[buf, wg]
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
-      total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
                       total, has_tail, g0, wg, edges=not st.pingpong_across_tiles)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
@@ -389,14 +427,14 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       # The buffer is free once the store has read it.
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)
       plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
-      return g0 + total
+      return total
 
     # Both warpgroups pass two schedule barriers per step of every tile, so the ping-pong
     # offset opened here holds across tile boundaries: warpgroup 0 starts the next tile's
     # first QK while warpgroup 1 finishes this one, and the offset is paid back once.
     if st.pingpong_across_tiles:
       pl.when(wg == 1)(functools.partial(_schedule_barrier, schedule))
-    lax.fori_loop(0, my_tiles, tile, cta - cta)
+    walk(tile)
     if st.pingpong_across_tiles:
       pl.when(wg == 0)(functools.partial(_schedule_barrier, schedule))
     plgpu.wait_smem_to_gmem(0)
@@ -405,8 +443,8 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    def tile(i, g0):
-      qi, hi, bi = coords(i)
+    def tile(i, g0, info):
+      qi, hi, bi, total, _ = info
       buf = lax.rem(i, jnp.int32(2))
       for w in range(_COMPUTE_WGS):
         @pl.when(i >= 2)
@@ -415,21 +453,15 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
 
         plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(qi * tile_q + w * st.block_q, st.block_q), hi],
                                 q_smem4.at[buf, w], q_ready.at[buf * 2 + w])
-      total, block_at, _ = _schedule(st, num_ref, idx_ref, qi, hi, bi)
-      return _fetch(st, k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), total,
-                    block_at, g0, bi, hi)
+      _fetch(st, k_ref, v_ref, k_smem, v_smem, (k_ready, v_ready, k_free, v_free), total,
+             _block_at(st, idx_ref, qi, hi, bi), g0, bi, hi)
+      return total
 
-    lax.fori_loop(0, my_tiles, tile, cta - cta)
-
-
-# List schedule (MosaicConfig.schedule="list"): a tile's cost in K/V steps is its list length
-# plus this fixed part (Q wait, epilogue, the store), and the last fraction of tiles in launch
-# order is dealt longest first (the wave that decides when the busiest CTA ends).
-_TILE_OVERHEAD_STEPS = 1.0
-_SORTED_TAIL = 0.2
+    walk(tile)
 
 
-def tile_schedule(num_tiles: int, num_ctas: int, costs=None):
+def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: float = 0.2,
+                  tile_overhead_steps: float = 1.0):
   """Work table of the persistent kernel. Returns numpy (work [G, R] int32 tile ids padded
   with 0, count [G]); tile t = qi + nQ * (head + H * batch) (launch order: query tiles of one
   head together, so the tiles in flight share that head's K/V in L2).
@@ -437,8 +469,9 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None):
   costs None: round-robin, CTA c runs tiles c, c + G, c + 2G, ...
   costs [num_tiles] (K/V steps per tile, from a concrete mask): list scheduling — tiles in
   launch order, each to the CTA whose queue ends first (ties: lowest CTA), what the hardware
-  does for a plain grid but without its launch gaps; the last `_SORTED_TAIL` of the tiles is
-  dealt longest first, which evens out the final wave. Simulated on CSLA and random masks at
+  does for a plain grid but without its launch gaps; a tile costs its steps +
+  `tile_overhead_steps`; the last `sorted_tail` of the tiles is dealt longest first, which
+  evens out the final wave. Simulated on CSLA and random masks at
   the 1024 schedule (WORKSPACE.md): the busiest CTA's steps drop 1-6% (CSLA) and 5-12%
   (random 5-30%) against round-robin. Sorting *all* tiles by cost (a snake) balanced best on
   paper but ran slower on the H100 (run 7: the tiles in flight no longer share a head's K/V).
@@ -447,10 +480,10 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None):
     rounds = -(-num_tiles // num_ctas)
     items = np.arange(rounds * num_ctas, dtype=np.int32).reshape(rounds, num_ctas).T
     return np.where(items < num_tiles, items, 0), (items < num_tiles).sum(axis=1).astype(np.int32)
-  costs = np.asarray(costs, np.float64).reshape(-1) + _TILE_OVERHEAD_STEPS
+  costs = np.asarray(costs, np.float64).reshape(-1) + tile_overhead_steps
   if costs.shape != (num_tiles,):
     raise ValueError(f"costs has {costs.size} entries for {num_tiles} tiles.")
-  head = num_tiles - int(num_tiles * _SORTED_TAIL)
+  head = num_tiles - int(num_tiles * sorted_tail)
   tail = head + np.argsort(-costs[head:], kind="stable")
   order = np.concatenate([np.arange(head), tail])
   heap = [(0.0, c) for c in range(num_ctas)]
@@ -512,7 +545,9 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   work = nwork = np.zeros((1,), np.int32)
   if config.persistent:
     num_tiles = nq * h * b
-    work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs)
+    work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs,
+                                sorted_tail=config.sorted_tail,
+                                tile_overhead_steps=config.tile_overhead_steps)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
                     jnp.asarray(nwork), kv_len=kv_len, scale=scale, return_lse=return_lse,
                     config=config, dense=mask is None)
@@ -535,7 +570,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
-               return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles)
+               return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles,
+               prefetch_tile_info=config.prefetch_tile_info)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)

@@ -166,13 +166,29 @@ def jax_part(args):
   use_mgpu = (not interp) and not args.no_mgpu
   mgpu_p = MosaicConfig(persistent=True)
   mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
-  # Previous session's kernel: round-robin, ping-pong drained at every tile.
-  mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False)
-  mgpu_masked = (mgpu_p, mgpu_rr, mgpu_prev)
-  mgpu_name = lambda c: ("ours_mgpu_nonpersistent" if not c.persistent else
-                         "ours_mgpu_prev" if not c.pingpong_across_tiles else
-                         "ours_mgpu" if c.schedule == "list" else "ours_mgpu_rr")
-  mgpu_dense_cfgs = [mgpu_p, mgpu_prev]  # dense: equal tile costs, list = round-robin
+  mgpu_nopf = MosaicConfig(persistent=True, prefetch_tile_info=False)
+  # Previous session's kernel: round-robin, ping-pong drained at every tile, no prefetch.
+  mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
+                           prefetch_tile_info=False)
+  mgpu_masked = (mgpu_p, mgpu_nopf, mgpu_rr, mgpu_prev)
+  # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
+  sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
+                     for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
+                                                             mgpu_p.tile_overhead_steps))
+
+  def mgpu_name(c):
+    if not c.persistent:
+      return "ours_mgpu_nonpersistent"
+    if not c.pingpong_across_tiles:
+      return "ours_mgpu_prev"
+    if not c.prefetch_tile_info:
+      return "ours_mgpu_noprefetch"
+    if c.schedule == "round_robin":
+      return "ours_mgpu_rr"
+    if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
+      return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
+    return "ours_mgpu"
+  mgpu_dense_cfgs = [mgpu_p, mgpu_nopf, mgpu_prev]  # dense: equal costs, list = round-robin
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -248,7 +264,7 @@ def jax_part(args):
                       heads=heads, scale=scale, impl="ours_pallas_unrefined",
                       mask="csla128_exact", frac=frac, config=str(cfg))
         if use_mgpu and blk == 128:
-          for mcfg in mgpu_masked:
+          for mcfg in mgpu_masked + (sweep_cfgs if scale == last else ()):
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
                       scale=scale, impl=mgpu_name(mcfg), mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
@@ -270,7 +286,7 @@ def jax_part(args):
           timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
-          for mcfg in (mgpu_masked if use_mgpu else ()):
+          for mcfg in (mgpu_masked + sweep_cfgs if use_mgpu else ()):
             timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
                       scale=scale, impl=mgpu_name(mcfg),
                       mask=f"random{int(dens * 100)}", frac=frac)
@@ -487,11 +503,16 @@ def main():
                  help="gather tiles for those groups: block_q,block_kv,warps,stages[;...] "
                  "(default: the best of 5 on the H100)")
   p.add_argument("--no-mgpu", action="store_true", help="skip the Mosaic GPU (Hopper) rows")
+  p.add_argument("--sched-sweep", default="",
+                 help="extra list-schedule settings for the last scale's masks, "
+                 "'tail,overhead;...' (MosaicConfig.sorted_tail, tile_overhead_steps)")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()
   args.heads = [int(h) for h in args.heads.split(",")]
   args.scales = [int(s) for s in args.scales.split(",")]
   args.gather_groups = [int(g) for g in args.gather_groups.split(",") if g]
+  args.sched_sweep = [tuple(float(x) for x in t.split(",")) for t in args.sched_sweep.split(";")
+                      if t]
   sys.path.insert(0, os.path.dirname(HERE))
   from pallas_kernels.gather import GatherConfig
   args.gather_tiles = [GatherConfig(*map(int, t.split(","))) for t in args.gather_tiles.split(";")]

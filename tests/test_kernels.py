@@ -393,12 +393,12 @@ def _busiest(work, count, cost):
 
 @pytest.mark.parametrize("n,g,density", [(1024, 132, 0.05), (1792, 132, 0.2), (13, 5, 0.5)])
 def test_list_schedule_covers_every_tile_once_and_balances_better(n, g, density):
-  from pallas_kernels.block_sparse_mgpu import _SORTED_TAIL, tile_schedule
+  from pallas_kernels.block_sparse_mgpu import tile_schedule
   cost = np.random.default_rng(n).binomial(83, density, size=n)
-  work, count = tile_schedule(n, g, cost)
+  work, count = tile_schedule(n, g, cost, sorted_tail=0.2)
   rows = [work[c, :count[c]] for c in range(g)]
   assert sorted(np.concatenate(rows).tolist()) == list(range(n))
-  head = n - int(n * _SORTED_TAIL)
+  head = n - int(n * 0.2)
   for r in rows:  # launch order kept before the sorted tail (K/V of one head stays in L2)
     early = r[r < head]
     assert (np.diff(early) > 0).all() and (r[:len(early)] == early).all()
@@ -416,14 +416,19 @@ def test_list_schedule_with_equal_costs_is_round_robin():
     tile_schedule(10, 3, np.ones(9))
   with pytest.raises(ValueError, match="schedule="):
     MosaicConfig(schedule="lpt")
+  with pytest.raises(ValueError, match="sorted_tail"):
+    MosaicConfig(sorted_tail=1.5)
 
 
-@pytest.mark.parametrize("schedule,across", [("round_robin", False), ("list", True)])
-def test_mgpu_persistent_variants_lower(schedule, across):
+@pytest.mark.parametrize("schedule,across,prefetch", [("round_robin", False, False),
+                                                      ("list", True, True),
+                                                      ("list", True, False)])
+def test_mgpu_persistent_variants_lower(schedule, across, prefetch):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   types = (np.random.default_rng(2).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
   m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
-  cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across, num_ctas=4)
+  cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across,
+                     prefetch_tile_info=prefetch, num_ctas=4)
   q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
   fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, config=cfg)
