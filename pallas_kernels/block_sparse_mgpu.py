@@ -15,14 +15,19 @@ The two compute warpgroups alternate through a "schedule barrier" so one runs it
 while the other keeps the tensor cores busy (FA3's ping-pong); both walk the same list, so
 their barrier counts always match.
 
-Default launch is persistent: one CTA per SM walks its list of tiles (`tile_schedule`:
-round-robin in launch order); the K/V ring and a double-buffered Q carry over tile
-boundaries, so a tile's first blocks load while the previous tile finishes. That
-matters for sparse masks, whose tiles are short (CSLA's last scale visits ~14 blocks per
-tile). `MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
+Default launch is persistent: one CTA per SM walks its list of tiles (`tile_schedule`); the
+K/V ring, a double-buffered Q and the ping-pong carry over tile boundaries, so a tile's
+first blocks load while the previous tile finishes. That matters for sparse masks, whose
+tiles are short (CSLA's last scale visits ~14 blocks per tile). With a concrete mask (CSLA's
+is numpy) tiles are list-scheduled by their step counts on the host: on the H100, against
+round-robin, 1.06-1.23x on CSLA's last scale and 1.16-1.37x on random 5-30% masks
+(WORKSPACE.md, session 3). `MosaicConfig(persistent=False)` is the
+one-CTA-per-tile grid.
 
-Exact (token-level) masks stay on the Triton kernel in `block_sparse.py`: Hopper's wgmma
-register layout makes per-token rule tables awkward, and the exact CSLA target is met there.
+Exact (token-level) masks stay on the Triton kernel in `block_sparse.py` (which walks them
+refined to 64x64 tiles): Hopper's wgmma register layout puts 32 key columns in each thread,
+so a per-key rule table costs ~4 integer ops per score on top of the softmax, roughly the
+tensor-core time of the block.
 
 Reference: `block_sparse_attention_mgpu_reference` below (pure JAX, f32, dense mask).
 Not runnable on CPU (Mosaic GPU interpret mode in jax 0.10 lacks `run_state`); CPU tests lower
@@ -59,14 +64,17 @@ class MosaicConfig:
   # stays in L2) or heads fastest (FA3's order; measured 0.90x at scale 12).
   q_tiles_fastest: bool = True
   # One CTA per SM looping over tiles (K/V ring and Q double buffer carry across tiles);
-  # num_ctas None = the device's SM count. H100, 16 heads, scale 12 (WORKSPACE run 8): dense
-  # 621 vs 578 TFLOP/s, random 10% blocks 420 vs 350 TFLOP/s over visited blocks.
+  # num_ctas None = the device's SM count. H100, 16 heads, scale 12 (WORKSPACE run 8,
+  # round-robin): dense 621 vs 578 TFLOP/s, random 10% blocks 420 vs 350 TFLOP/s over
+  # visited blocks.
   persistent: bool = True
   num_ctas: int | None = None
   # Persistent work split: "list" deals tiles in launch order, each to the CTA that frees up
   # first by the mask's step counts (needs a concrete mask; a traced one falls back to
   # round-robin), the last `sorted_tail` of them longest first; "round_robin" ignores costs.
-  # A tile costs its step count + tile_overhead_steps (Q wait, epilogue, store).
+  # A tile costs its step count + tile_overhead_steps (Q wait, epilogue, store). Swept on
+  # the H100 (tail 0 / 0.2 / 0.5 / 1, overhead 1 / 3): 0.2 and 1 best on CSLA and random 5%,
+  # 0.5 within 4% on random 20-30%.
   schedule: str = "list"
   sorted_tail: float = 0.2
   tile_overhead_steps: float = 1.0
@@ -76,6 +84,9 @@ class MosaicConfig:
   # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
   # dependent global loads otherwise waited on at every tile start).
   prefetch_tile_info: bool = True
+  # Persistent: a tile's output store is not waited for at its end; the next tile waits for
+  # it (and frees that Q buffer) while its first QK runs.
+  defer_store_wait: bool = True
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -169,6 +180,7 @@ class _Static:
   return_lse: bool
   pingpong_across_tiles: bool = True
   prefetch_tile_info: bool = True
+  defer_store_wait: bool = True
 
 
 def _block_at(st: _Static, idx_ref, qi, hi, bi):
@@ -204,11 +216,13 @@ def _schedule_barrier(schedule):
   plgpu.barrier_wait(schedule)
 
 
-def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg, edges=True):
+def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg, edges=True,
+            first_step_hook=None):
   """One compute warpgroup's 64 query rows over `total` streamed K/V steps; the ring slot of
   step s is (g0 + s) % ring. Returns the unnormalised (acc, m, l). edges=False leaves the
   ping-pong's opening and closing half-phase to the caller (persistent: once per CTA, so the
-  phase runs on across tiles instead of draining at each)."""
+  phase runs on across tiles instead of draining at each). first_step_hook runs once, while
+  the first QK is on the tensor cores (or at the end when there is no step)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -240,6 +254,8 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
     def qk_scope(s_ref):
       plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
       schedule_barrier()
+      if first_step_hook is not None:
+        pl.when(step == 0)(first_step_hook)
       return s_ref[...]
 
     s = pl.run_scoped(qk_scope, plgpu.ACC((bq, bk), jnp.float32))
@@ -282,6 +298,8 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
   carry = lax.fori_loop(0, total - has_tail, functools.partial(step_body, cut=False), carry)
   if st.kv_len % st.block_kv:
     carry = lax.fori_loop(total - has_tail, total, functools.partial(step_body, cut=True), carry)
+  if first_step_hook is not None:
+    pl.when(total == 0)(first_step_hook)
   if edges:
     pl.when(wg == 0)(schedule_barrier)
   return carry
@@ -419,14 +437,25 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       buf = lax.rem(i, jnp.int32(2))
       q_smem = q_smem4.at[buf, wg]
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
+      hook = None
+      if st.defer_store_wait:
+        def hook():
+          # The previous tile's output went out through the other Q buffer; release it (for
+          # the Q of tile i + 1) once its store has read it, with this tile's QK running.
+          @pl.when(i >= 1)
+          def _():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.barrier_arrive(q_free.at[(1 - buf) * 2 + wg])
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
-                      total, has_tail, g0, wg, edges=not st.pingpong_across_tiles)
+                      total, has_tail, g0, wg, edges=not st.pingpong_across_tiles,
+                      first_step_hook=hook)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
       _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
              qi * tile_q + wg * st.block_q)
-      # The buffer is free once the store has read it.
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-      plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
+      if not st.defer_store_wait:
+        # The buffer is free once the store has read it.
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
       return total
 
     # Both warpgroups pass two schedule barriers per step of every tile, so the ping-pong
@@ -471,10 +500,11 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   launch order, each to the CTA whose queue ends first (ties: lowest CTA), what the hardware
   does for a plain grid but without its launch gaps; a tile costs its steps +
   `tile_overhead_steps`; the last `sorted_tail` of the tiles is dealt longest first, which
-  evens out the final wave. Simulated on CSLA and random masks at
-  the 1024 schedule (WORKSPACE.md): the busiest CTA's steps drop 1-6% (CSLA) and 5-12%
-  (random 5-30%) against round-robin. Sorting *all* tiles by cost (a snake) balanced best on
-  paper but ran slower on the H100 (run 7: the tiles in flight no longer share a head's K/V).
+  evens out the final wave. A cost-only simulation predicted the busiest CTA 1-6% (CSLA) and
+  5-12% (random 5-30%) shorter than round-robin; the H100 measured more: CSLA scale 12
+  1.06-1.23x, random 5-30% 1.16-1.37x (WORKSPACE.md, session 3). Sorting *all* tiles by cost
+  (sorted_tail=1, or run 7's snake) balances best on paper but runs slower: the tiles in
+  flight no longer share a head's K/V in L2.
   """
   if costs is None:
     rounds = -(-num_tiles // num_ctas)
@@ -571,7 +601,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
                return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles,
-               prefetch_tile_info=config.prefetch_tile_info)
+               prefetch_tile_info=config.prefetch_tile_info,
+               defer_store_wait=config.defer_store_wait)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)

@@ -166,11 +166,12 @@ def jax_part(args):
   use_mgpu = (not interp) and not args.no_mgpu
   mgpu_p = MosaicConfig(persistent=True)
   mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
-  mgpu_nopf = MosaicConfig(persistent=True, prefetch_tile_info=False)
-  # Previous session's kernel: round-robin, ping-pong drained at every tile, no prefetch.
+  mgpu_nodefer = MosaicConfig(persistent=True, defer_store_wait=False)
+  # Previous session's kernel: round-robin, ping-pong drained at every tile, no prefetch of
+  # the next tile's info, the output store waited for at each tile's end.
   mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
-                           prefetch_tile_info=False)
-  mgpu_masked = (mgpu_p, mgpu_nopf, mgpu_rr, mgpu_prev)
+                           prefetch_tile_info=False, defer_store_wait=False)
+  mgpu_masked = (mgpu_p, mgpu_nodefer, mgpu_rr, mgpu_prev)
   # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
   sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
                      for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
@@ -183,12 +184,14 @@ def jax_part(args):
       return "ours_mgpu_prev"
     if not c.prefetch_tile_info:
       return "ours_mgpu_noprefetch"
+    if not c.defer_store_wait:
+      return "ours_mgpu_nodefer"
     if c.schedule == "round_robin":
       return "ours_mgpu_rr"
     if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
       return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
     return "ours_mgpu"
-  mgpu_dense_cfgs = [mgpu_p, mgpu_nopf, mgpu_prev]  # dense: equal costs, list = round-robin
+  mgpu_dense_cfgs = [mgpu_p, mgpu_nodefer, mgpu_prev]  # dense: equal costs, list = round-robin
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
