@@ -542,7 +542,8 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
 
   The visit lists and the persistent work table are built here, on the host, when the mask
   is concrete (numpy masks stay constants under an outer jit); a traced mask gets device
-  lists and the round-robin table.
+  lists and the round-robin table. Called eagerly, that host work (~ms for thousands of
+  tiles) repeats per call: wrap the call in jax.jit, as the models and benchmarks do.
   """
   b, lq, h, d = q.shape
   if k.dtype != q.dtype or v.dtype != q.dtype:
