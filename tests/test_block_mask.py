@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,3 +189,27 @@ def test_refined_refuses_coarser_blocks_and_other_rule_shapes():
     m.refined(_random_box_rule(rng, 40, 50), block_q=32, block_kv=16)
   with pytest.raises(ValueError, match="rule tables"):
     m.refined(_random_box_rule(rng, 41, 50), block_q=16, block_kv=16)
+
+
+def test_default_exact_tiles_refine_a_128_mask_and_match_the_reference(monkeypatch):
+  """config=None in exact mode takes the 64x64 tiles and refines a 128x128 mask to them."""
+  from pallas_kernels import block_sparse_attention_reference
+  from pallas_kernels.block_sparse import EXACT_CONFIG
+  assert (EXACT_CONFIG.block_q, EXACT_CONFIG.block_kv) == (64, 64)
+  calls = []
+  real = BlockMask.refined
+  monkeypatch.setattr(BlockMask, "refined",
+                      lambda self, *a, **kw: calls.append(kw) or real(self, *a, **kw))
+  rng = np.random.default_rng(7)
+  lq, lk = 150, 290
+  rule = _random_box_rule(rng, lq, lk)
+  m = BlockMask.from_rule(rule, block_q=128, block_kv=128)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, 16)), jnp.float32) for n in (lq, lk, lk))
+  out = block_sparse_attention(q, k, v, m, rule, interpret=True)
+  assert calls == [dict(block_q=64, block_kv=64)]
+  ref = block_sparse_attention_reference(q, k, v, m, rule)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  # A traced mask is used as given (no host refinement under a jit over the mask).
+  calls.clear()
+  jax.jit(lambda m: block_sparse_attention(q, k, v, m, rule, interpret=True))(m)
+  assert calls == []
