@@ -137,11 +137,11 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
   """
   if backend not in GATHER_BACKENDS:
     raise ValueError(f"backend={backend!r}; choose one of {GATHER_BACKENDS}.")
-  if counts is None:
-    counts = jnp.full(jnp.shape(indices)[:3], jnp.shape(indices)[-1], jnp.int32)
+  why = _mosaic_gather_unsupported(q, indices, counts, q_perm, rule, interpret)
+  if counts is None:  # (made after the check: under jit a jnp constant is traced)
+    counts = np.full(np.shape(indices)[:3], np.shape(indices)[-1], np.int32)
   if not any(isinstance(x, jax.core.Tracer) for x in (indices, counts)):
     validate_gather_lists(indices, counts, k.shape[1])
-  why = _mosaic_gather_unsupported(q, indices, counts, q_perm, rule, interpret)
   if backend == "mosaic" and why:
     raise NotImplementedError(f"the Mosaic gather path does not support {why}; use "
                               "backend='triton'.")
