@@ -105,22 +105,10 @@ def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, bloc
     o_ref[...] = out.astype(o_ref.dtype)
 
 
-GATHER_BACKENDS = ("auto", "triton", "mosaic")
-
-
-def _full_lists(indices, counts) -> bool:
-  """Every slot of every list valid: counts None, or concrete and all equal to S."""
-  if counts is None:
-    return True
-  if isinstance(counts, jax.core.Tracer):
-    return False
-  return bool((np.asarray(counts) == np.shape(indices)[-1]).all())
-
-
 def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size: int,
                      q_perm=None, rule: TokenBoxRule | None = None,
                      scale: float | None = None, config: GatherConfig = GatherConfig(),
-                     interpret: bool = False, backend: str = "triton"):
+                     interpret: bool = False):
   """Attention of each query group over its gathered keys; see `_gather_attention`.
 
   counts None means every slot is valid (fixed-budget top-k lists, as `topk_key_indices`
@@ -129,74 +117,19 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
   index would otherwise read a wrong key silently. Traced lists (computed under jit, e.g. by
   `topk_key_indices`) are in range by construction and are not checked.
 
-  backend: "triton" (the gather kernel: any counts, q_perm, rule, any GPU, interpret mode),
-  "mosaic" (Hopper: the selected K/V rows gathered by XLA into one buffer per group, then
-  the Mosaic flash kernel over them — full lists only, no q_perm/rule; extra memory
-  2 * B * groups * S * H * D elements) or "auto" (mosaic where it applies on an sm_90 GPU
-  and the groups hold >= 1024 queries, where it measured faster; triton otherwise).
+  Hopper has no row-gather TMA, so this stays a Triton kernel. Gathering the rows with XLA
+  into one K/V buffer per group and running the Mosaic flash kernel on them measured slower
+  on the H100 (16 heads, scale 12, 20% of keys: 0.398 vs 0.374 ms at 1024-query groups,
+  0.507 vs 0.377 at 512; WORKSPACE.md session 3): the copy costs more than the faster matmul
+  saves.
   """
-  if backend not in GATHER_BACKENDS:
-    raise ValueError(f"backend={backend!r}; choose one of {GATHER_BACKENDS}.")
-  why = _mosaic_gather_unsupported(q, indices, counts, q_perm, rule, interpret)
-  if counts is None:  # (made after the check: under jit a jnp constant is traced)
+  if counts is None:
     counts = np.full(np.shape(indices)[:3], np.shape(indices)[-1], np.int32)
   if not any(isinstance(x, jax.core.Tracer) for x in (indices, counts)):
     validate_gather_lists(indices, counts, k.shape[1])
-  if backend == "mosaic" and why:
-    raise NotImplementedError(f"the Mosaic gather path does not support {why}; use "
-                              "backend='triton'.")
-  if backend == "mosaic" or (backend == "auto" and not why and group_size >= _AUTO_MIN_GROUP
-                             and _compat.on_hopper()):
-    return _gather_attention_mgpu(q, k, v, indices, residual, group_size=group_size,
-                                  scale=scale)
   return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
                            q_perm=q_perm, rule=rule, scale=scale, config=config,
                            interpret=interpret)
-
-
-# backend="auto" takes the Mosaic path for groups this large (WORKSPACE.md, session 3).
-_AUTO_MIN_GROUP = 1024
-
-
-def _mosaic_gather_unsupported(q, indices, counts, q_perm, rule, interpret) -> str | None:
-  from pallas_kernels import block_sparse_mgpu
-  if interpret:
-    return "interpret mode"
-  if q_perm is not None or rule is not None:
-    return "q_perm or rule (2D tiles / exact lists)"
-  if not _full_lists(indices, counts):
-    return "partial lists (counts < S, or counts traced: pass counts=None for full lists)"
-  return block_sparse_mgpu.supports(q, None)
-
-
-@functools.partial(jax.jit, static_argnames=("group_size", "scale"))
-def _gather_attention_mgpu(q, k, v, indices, residual=None, *, group_size: int,
-                           scale: float | None = None):
-  """Full-list gather attention on Hopper: kg[b, g, s, h] = k[b, indices[b, h, g, s], h], then
-  each (batch, group) is one dense attention of its group_size queries over its S rows (the
-  Mosaic kernel, K/V padded to a multiple of 128 rows that kv_len=S masks)."""
-  from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
-  b, lq, h, d = q.shape
-  ng = -(-lq // group_size)
-  slots = indices.shape[-1]
-  if indices.shape[2] != ng:
-    raise ValueError(f"indices must be [Bm, Hm, G={ng}, S]; got {indices.shape}.")
-  if residual is not None and residual.shape != q.shape:
-    raise ValueError(f"residual must have q's shape {q.shape}; got {residual.shape}.")
-  s_pad = -(-slots // 128) * 128
-  idx = jnp.broadcast_to(jnp.asarray(indices, jnp.int32), (b, h, ng, slots))
-  idx = _pad_axis(idx, 3, s_pad)  # padding rows read key 0; kv_len=slots masks them
-  idx_BGSH = jnp.clip(idx.transpose(0, 2, 3, 1), 0, k.shape[1] - 1)
-  bi = jnp.arange(b)[:, None, None, None]
-  hi = jnp.arange(h)[None, None, None, :]
-  kg = k[bi, idx_BGSH, hi].reshape(b * ng, s_pad, h, d)
-  vg = v[bi, idx_BGSH, hi].reshape(b * ng, s_pad, h, d)
-  qg = _pad_axis(q, 1, ng * group_size).reshape(b * ng, group_size, h, d)
-  out = block_sparse_attention_mgpu(qg, kg, vg, None, kv_len=slots, scale=scale)
-  out = out.reshape(b, ng * group_size, h, d)[:, :lq]
-  if residual is not None:
-    out = (out.astype(jnp.float32) + residual.astype(jnp.float32)).astype(q.dtype)
-  return out
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale", "config", "interpret"))

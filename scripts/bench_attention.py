@@ -307,13 +307,6 @@ def jax_part(args):
               q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
           timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
-        gather_mgpu_row = lambda g_, idx_, mk: timed_row(
-            jax.jit(lambda q, k, v, r: gather_attention(q, k, v, idx_, None, r, group_size=g_,
-                                                        backend="mosaic")),
-            (q, k, v, res), dense_flops * frac, heads=heads, scale=scale, impl="ours_mgpu_gather",
-            mask=mk, frac=frac)
-        if use_mgpu:  # XLA row gather + the Mosaic kernel per group (full lists)
-          gather_mgpu_row(g, idx, "gather20")
         # Other group sizes (the query group is a parameter of CS4A): 128-query tiles
         # halve the gathered K/V traffic per query.
         for g2 in (() if interp else args.gather_groups):
@@ -327,8 +320,6 @@ def jax_part(args):
                         gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
             timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                       impl="ours_pallas", mask=f"gather20_g{g2}", frac=frac, config=str(gcfg))
-          if use_mgpu:
-            gather_mgpu_row(g2, idx2, f"gather20_g{g2}")
       if scale == first and not args.no_gather:
         ccfgs = [ColsumConfig()]
         if not interp:
