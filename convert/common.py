@@ -234,6 +234,19 @@ def apply_rules(sd: dict[str, np.ndarray], rules: Sequence[Rule], *, ignore: Seq
 CONFIG_FILE = "config.json"
 
 
+def check_out_dir(out_dir: str, overwrite: bool) -> None:
+  """Refuses an --out that exists (unless overwrite) or is a file. Converters call it before
+  reading the checkpoint, so a wrong --out fails in a second, not after the conversion;
+  `write_converted` calls it again before writing."""
+  path = os.path.abspath(out_dir)
+  if os.path.exists(path) and not overwrite:
+    raise ConversionError(f"output {path!r} already exists; choose another --out or pass "
+                          "--overwrite.")
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConversionError(f"output {path!r} is a file, not a checkpoint directory; "
+                          "--overwrite only replaces a directory. Choose another --out.")
+
+
 def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dict[str, dict],
                     meta: dict[str, Any] | None = None, overwrite: bool = False,
                     extra_files: dict[str, str] | None = None) -> None:
@@ -246,14 +259,9 @@ def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dic
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
+  check_out_dir(out_dir, overwrite)
   out_dir = os.path.abspath(out_dir)
   parent = os.path.dirname(out_dir)
-  if os.path.exists(out_dir) and not overwrite:
-    raise ConversionError(f"output {out_dir!r} already exists; choose another --out or pass "
-                          "--overwrite.")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-    raise ConversionError(f"output {out_dir!r} is a file, not a checkpoint directory; "
-                          "--overwrite only replaces a directory. Choose another --out.")
   try:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)

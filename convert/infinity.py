@@ -357,9 +357,7 @@ def convert_trees(model_path: str, vae_path: str, *, progress: bool = False,
 
 def convert(model_path: str, vae_path: str, out: str, *, overwrite: bool = False,
             progress: bool = True, dtype: str = "float32") -> None:
-  if os.path.exists(out) and not overwrite:
-    raise ConversionError(f"output {out!r} already exists; choose another --out or pass "
-                          "--overwrite.")
+  common.check_out_dir(out, overwrite)  # before the slow part
   trees, configs, meta = convert_trees(model_path, vae_path, progress=progress, dtype=dtype)
   common.write_converted(out, trees, configs, meta, overwrite=overwrite)
   if progress:

@@ -179,9 +179,7 @@ def convert(hf_dir: str, out: str, *, overwrite: bool = False, dtype: str = "flo
     raise ConversionError(f"--hf_dir {hf_dir!r} is not a directory. Pass the Hugging Face "
                           "model directory (e.g. a download of google/flan-t5-xl) holding "
                           "config.json, spiece.model and the weights.")
-  if os.path.exists(out) and not overwrite:
-    raise ConversionError(f"output {out!r} already exists; choose another --out or pass "
-                          "--overwrite.")
+  common.check_out_dir(out, overwrite)
   cfg_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise ConversionError(f"{hf_dir!r} has no config.json; a Hugging Face T5 directory "

@@ -184,13 +184,7 @@ def convert_var_tree(sd: dict[str, np.ndarray], *, progress: bool = False):
 def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = False,
             progress: bool = True):
   """The CLI body: returns (VARConfig, VQVAEConfig) after writing `out_dir`."""
-  if os.path.exists(out_dir) and not overwrite:
-    raise ConversionError(f"output {os.path.abspath(out_dir)!r} already exists; choose "
-                          "another --out or pass --overwrite.")
-  if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # before the slow part
-    raise ConversionError(f"output {os.path.abspath(out_dir)!r} is a file, not a checkpoint "
-                          "directory; --overwrite only replaces a directory. Choose another "
-                          "--out.")
+  common.check_out_dir(out_dir, overwrite)  # before the slow part
   log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
   log(f"reading {var_path}")
   var_sd = common.load_state_dict(var_path)
