@@ -181,6 +181,7 @@ BLOCK_CONFIG = BlockSparseConfig(128, 64, 4, 2)
 
 
 def _concrete(*trees) -> bool:
+  """No leaf is traced: the arrays can be read on the host now (at trace time under jit)."""
   return not any(isinstance(x, jax.core.Tracer) for t in trees for x in jax.tree.leaves(t))
 
 

@@ -47,7 +47,7 @@ import numpy as np
 from jax import lax
 
 from pallas_kernels.block_mask import BlockMask
-from pallas_kernels.block_sparse import LOG2E, _check_qkv, _pad_axis
+from pallas_kernels.block_sparse import LOG2E, _check_qkv, _concrete, _pad_axis
 
 LN2 = math.log(2.0)
 _COMPUTE_WGS = 2
@@ -151,7 +151,7 @@ def visit_lists(mask: BlockMask):
   idx [Bm, Hm, nQ, W] int32). numpy in, numpy out (constant masks), else jnp."""
   nk = mask.num_kv_blocks
   arrays = (mask.full_num_BHQ, mask.full_idx_BHQK, mask.part_num_BHQ, mask.part_idx_BHQK)
-  xp = jnp if any(isinstance(a, jax.core.Tracer) for a in arrays) else np
+  xp = np if _concrete(arrays) else jnp
   fnum, fidx, pnum, pidx = (xp.asarray(a, xp.int32) for a in arrays)
   f_ok = xp.arange(fidx.shape[-1]) < fnum[..., None]
   p_ok = xp.arange(pidx.shape[-1]) < pnum[..., None]

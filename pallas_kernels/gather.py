@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _compat
 from pallas_kernels.block_mask import TokenBoxRule
 from pallas_kernels.block_sparse import (LOG2E, _M_INIT, _check_qkv, _check_triton_tiles,
-                                         _is_pow2, _online_softmax_step, _pad_axis)
+                                         _concrete, _is_pow2, _online_softmax_step, _pad_axis)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
   """
   if counts is None:
     counts = np.full(np.shape(indices)[:3], np.shape(indices)[-1], np.int32)
-  if not any(isinstance(x, jax.core.Tracer) for x in (indices, counts)):
+  if _concrete(indices, counts):
     validate_gather_lists(indices, counts, k.shape[1])
   return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
                            q_perm=q_perm, rule=rule, scale=scale, config=config,
