@@ -182,8 +182,6 @@ def jax_part(args):
       return "ours_mgpu_nonpersistent"
     if not c.pingpong_across_tiles:
       return "ours_mgpu_prev"
-    if not c.prefetch_tile_info:
-      return "ours_mgpu_noprefetch"
     if not c.defer_store_wait:
       return "ours_mgpu_nodefer"
     if c.schedule == "round_robin":
