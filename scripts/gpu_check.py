@@ -102,7 +102,8 @@ def run_models(names, out_dir, timeout):
         rec[who] = {"error": f"timed out after {timeout} s"}
       print(json.dumps({name: {who: rec[who]}}), flush=True)
     t_ours, t_off = _time_of(rec.get("ours")), _time_of(rec.get("official"))
-    rec["speedup"] = (t_off / t_ours) if (t_ours and t_off) else None
+    rec.update(time_ours=t_ours, time_official=t_off,
+               speedup=(t_off / t_ours) if (t_ours and t_off) else None)
     rows.append(rec)
   json.dump(rows, open(os.path.join(out_dir, "models.json"), "w"), indent=1)
   return rows
@@ -175,7 +176,7 @@ def main():
   if model_rows:
     print("\n== models: ours vs official (same call) ==")
     for r in model_rows:
-      t_ours, t_off = _time_of(r.get("ours")), _time_of(r.get("official"))
+      t_ours, t_off = r["time_ours"], r["time_official"]
       fmt = lambda t: "-" if t is None else f"{t:.4g}"
       sp = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
       errs = "; ".join(f"{w}: {r[w]['error'][:120]}" for w in ("ours", "official")
