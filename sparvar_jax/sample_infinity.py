@@ -109,18 +109,16 @@ def encode_texts(encoder, tok, texts, chunk: int = T5_CHUNK):
   (and one batch size: the last chunk is padded with copies), so one shape compiles.
   Over-long prompts warn once each (PromptTruncatedWarning naming the prompt's index)."""
   from sparvar_jax import text  # pylint: disable=g-import-not-at-top
-  lens = np.array([len(tok.truncate(tok.encode(p), i)) for i, p in enumerate(texts)], np.int32)
+  ids = [tok.truncate(tok.encode(p), i) for i, p in enumerate(texts)]  # tokenized once
+  lens = np.array([len(r) for r in ids], np.int32)
   length = text.bucket_length(int(lens.max()), tok.max_len)
   parts = []
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", text.PromptTruncatedWarning)  # warned just above
-    for start in range(0, len(texts), chunk):
-      rows = list(texts[start:start + chunk])
-      n = len(rows)
-      if len(texts) > chunk:
-        rows += [rows[-1]] * (chunk - n)
-      feats, _ = text.encode_prompts(encoder, tok, rows, length=length)
-      parts.append(np.asarray(feats, np.float32)[:n])
+  for start in range(0, len(texts), chunk):
+    rows = ids[start:start + chunk]
+    n = len(rows)
+    if len(texts) > chunk:
+      rows += [rows[-1]] * (chunk - n)
+    parts.append(np.asarray(text.encode_token_rows(encoder, rows, length), np.float32)[:n])
   return np.concatenate(parts), lens
 
 

@@ -162,10 +162,6 @@ def encode_prompts(encoder, tokenizer: T5Tokenizer, prompts: Sequence[str], *,
   get compiled. The features of real tokens do not depend on L: padded keys are masked
   and T5's position bias depends only on offsets.
   """
-  global _forward_jit
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  if _forward_jit is None:
-    _forward_jit = nnx.jit(_forward)
   prompts = [prompts] if isinstance(prompts, str) else list(prompts)
   if not prompts:
     raise ValueError("encode_prompts needs at least one prompt")
@@ -175,9 +171,17 @@ def encode_prompts(encoder, tokenizer: T5Tokenizer, prompts: Sequence[str], *,
     length = bucket_length(int(lens.max()), tokenizer.max_len)
   elif not 1 <= length <= tokenizer.max_len:
     raise ValueError(f"length must be in [1, {tokenizer.max_len}], got {length}")
+  return encode_token_rows(encoder, rows, length), lens
+
+
+def encode_token_rows(encoder, rows: list[list[int]], length: int) -> jax.Array:
+  """T5 features [B, length, C] fp32 of already tokenized (and truncated) rows."""
+  global _forward_jit
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  if _forward_jit is None:
+    _forward_jit = nnx.jit(_forward)
   ids, mask = _pad(rows, length)
-  feats = _forward_jit(encoder, jnp.asarray(ids), jnp.asarray(mask))
-  return feats, lens
+  return _forward_jit(encoder, jnp.asarray(ids), jnp.asarray(mask))
 
 
 def _pad(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:

@@ -211,13 +211,13 @@ def test_t5_features_encoded_in_bounded_chunks(env, monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", text.PromptTruncatedWarning)
     want_f, want_l = text.encode_prompts(enc, tok, prompts)
-  sizes, real = [], text.encode_prompts
+  sizes, real = [], text.encode_token_rows
 
-  def spy(e, t, ps, **kw):
-    sizes.append(len(ps))
-    return real(e, t, ps, **kw)
+  def spy(e, rows, length):
+    sizes.append(len(rows))
+    return real(e, rows, length)
 
-  monkeypatch.setattr(text, "encode_prompts", spy)
+  monkeypatch.setattr(text, "encode_token_rows", spy)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", text.PromptTruncatedWarning)
     feats, lens = sample_infinity.encode_texts(enc, tok, prompts, chunk=4)
