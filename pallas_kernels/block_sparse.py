@@ -83,15 +83,18 @@ def _pad_axis(x, axis, size, value=0):
 
 
 def _online_softmax_step(q, k, v, carry, qk_scale, keep):
-  """One key tile of the flash-attention recurrence (base-2 exponentials, f32 stats)."""
+  """One key tile of the flash-attention recurrence (base-2 exponentials, f32 stats).
+
+  The running max is kept in scaled units and the scale applied inside the exponent, so each
+  score costs one FMA (s * c - m) instead of a multiply and a subtract; the max of the raw
+  row times c (> 0) is the max of the scaled row."""
   acc, m, l = carry
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-  s = s * qk_scale
   if keep is not None:
     s = jnp.where(keep, s, -jnp.inf)
-  m_new = jnp.maximum(m, jnp.max(s, axis=1))
+  m_new = jnp.maximum(m, jnp.max(s, axis=1) * qk_scale)
   alpha = jnp.exp2(m - m_new)
-  p = jnp.exp2(s - m_new[:, None])
+  p = jnp.exp2(s * qk_scale - m_new[:, None])
   l = l * alpha + jnp.sum(p, axis=1)
   pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
                        preferred_element_type=jnp.float32)

@@ -437,15 +437,18 @@ def test_list_schedule_with_equal_costs_is_round_robin():
     MosaicConfig(sorted_tail=1.5)
 
 
-@pytest.mark.parametrize("schedule,across,prefetch,defer", [("round_robin", False, False, False),
-                                                            ("list", True, True, True),
-                                                            ("list", True, False, False)])
-def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer):
+@pytest.mark.parametrize("schedule,across,prefetch,defer,idx_ahead", [
+    ("round_robin", False, False, False, False),
+    ("list", True, True, True, True),
+    ("list", True, False, False, True),
+    ("list", True, True, True, False)])
+def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer, idx_ahead):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   types = (np.random.default_rng(2).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
   m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
   cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across,
-                     prefetch_tile_info=prefetch, defer_store_wait=defer, num_ctas=4)
+                     prefetch_tile_info=prefetch, defer_store_wait=defer,
+                     prefetch_block_index=idx_ahead, num_ctas=4)
   q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
   fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, config=cfg)
