@@ -78,6 +78,10 @@ class MosaicConfig:
   schedule: str = "list"
   sorted_tail: float = 0.2
   tile_overhead_steps: float = 1.0
+  # "list" only: after dealing, move or swap single tiles off the busiest CTA while that
+  # lowers the busiest's end (`tile_schedule`); each CTA still runs its tiles in launch order,
+  # its share of the sorted tail last.
+  rebalance: bool = True
   # Persistent: the two compute warpgroups' ping-pong offset opens once per CTA and runs on
   # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
   pingpong_across_tiles: bool = True
@@ -513,8 +517,45 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     walk(tile)
 
 
+def _rebalance(owner, costs, num_ctas: int, max_moves: int):
+  """Local search on a tile -> CTA assignment: while some single move of a tile off the
+  busiest CTA, or swap of it for a cheaper tile of another CTA, leaves both CTAs below the
+  busiest's load, apply the best such change. Each change lowers the busiest load or the
+  number of CTAs at it, so it terminates; returns the new owner array."""
+  owner = owner.copy()
+  loads = np.bincount(owner, weights=costs, minlength=num_ctas)
+  for _ in range(max_moves):
+    top_cta = int(np.argmax(loads))
+    top = loads[top_cta]
+    mine = np.flatnonzero(owner == top_cta)
+    others = np.flatnonzero(owner != top_cta)
+    c_mine = costs[mine]
+    idle = int(np.argmin(loads))
+    moved = np.maximum(top - c_mine, loads[idle] + c_mine)  # move tile to the idlest CTA
+    i = int(np.argmin(moved))
+    best, change = moved[i], (mine[i], None, idle)
+    if others.size:
+      d = c_mine[:, None] - costs[others][None, :]  # swap: cost shifted to the other CTA
+      swapped = np.maximum(top - d, loads[owner[others]][None, :] + d)
+      swapped[d <= 0] = np.inf
+      i, j = np.unravel_index(int(np.argmin(swapped)), swapped.shape)
+      if swapped[i, j] < best:
+        best, change = swapped[i, j], (mine[i], others[j], owner[others[j]])
+    if not best < top:
+      break
+    t, u, dest = change
+    owner[t] = dest
+    loads[top_cta] -= costs[t]
+    loads[dest] += costs[t]
+    if u is not None:
+      owner[u] = top_cta
+      loads[dest] -= costs[u]
+      loads[top_cta] += costs[u]
+  return owner
+
+
 def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: float = 0.2,
-                  tile_overhead_steps: float = 1.0):
+                  tile_overhead_steps: float = 1.0, rebalance: bool = True):
   """Work table of the persistent kernel. Returns numpy (work [G, R] int32 tile ids padded
   with 0, count [G]); tile t = qi + nQ * (head + H * batch) (launch order: query tiles of one
   head together, so the tiles in flight share that head's K/V in L2).
@@ -529,6 +570,13 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   1.06-1.23x, random 5-30% 1.16-1.37x (WORKSPACE.md, session 3). Sorting *all* tiles by cost
   (sorted_tail=1, or run 7's snake) balances best on paper but runs slower: the tiles in
   flight no longer share a head's K/V in L2.
+
+  rebalance (costs given): the dealt assignment is then improved by single-tile moves and
+  swaps off the busiest CTA (`_rebalance`); each CTA keeps its tiles in launch order, its
+  share of the tail longest first. Predicted busiest/mean on the benchmark's masks (132 CTAs):
+  random 5% blocks at 16 heads 1.042 -> 1.021, CSLA scale 12 1.033 -> 1.016 (16 heads),
+  1.025 -> 1.004 (28 heads). Scale 10's 416 tiles of ~8 steps stay at 1.20: 3.15 tiles per
+  CTA cannot be evened out whole.
   """
   if costs is None:
     rounds = -(-num_tiles // num_ctas)
@@ -541,11 +589,17 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   tail = head + np.argsort(-costs[head:], kind="stable")
   order = np.concatenate([np.arange(head), tail])
   heap = [(0.0, c) for c in range(num_ctas)]
-  lists = [[] for _ in range(num_ctas)]
+  owner = np.zeros(num_tiles, np.int64)
   for t in order:
     load, c = heapq.heappop(heap)
-    lists[c].append(int(t))
+    owner[t] = c
     heapq.heappush(heap, (load + costs[t], c))
+  if rebalance:
+    owner = _rebalance(owner, costs, num_ctas, max_moves=4 * num_tiles)
+  # Per CTA, in dealing order: its launch-order tiles ascending, then its tail tiles.
+  lists = [[] for _ in range(num_ctas)]
+  for t in order:
+    lists[owner[t]].append(int(t))
   width = max(1, max(len(x) for x in lists))
   work = np.zeros((num_ctas, width), np.int32)
   for c, x in enumerate(lists):
@@ -602,7 +656,8 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
     num_tiles = nq * h * b
     work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs,
                                 sorted_tail=config.sorted_tail,
-                                tile_overhead_steps=config.tile_overhead_steps)
+                                tile_overhead_steps=config.tile_overhead_steps,
+                                rebalance=config.rebalance)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
                     jnp.asarray(nwork), kv_len=kv_len, scale=scale, return_lse=return_lse,
                     config=config, dense=mask is None)

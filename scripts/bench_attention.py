@@ -168,12 +168,13 @@ def jax_part(args):
   mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
   mgpu_nodefer = MosaicConfig(persistent=True, defer_store_wait=False)
   mgpu_noidx = MosaicConfig(persistent=True, prefetch_block_index=False)
+  mgpu_norebal = MosaicConfig(persistent=True, rebalance=False)
   # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the next
   # tile's info or block index, the output store waited for at each tile's end.
   mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
                            prefetch_tile_info=False, defer_store_wait=False,
                            prefetch_block_index=False)
-  mgpu_masked = (mgpu_p, mgpu_noidx, mgpu_rr, mgpu_prev)
+  mgpu_masked = (mgpu_p, mgpu_norebal, mgpu_noidx, mgpu_rr, mgpu_prev)
   # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
   sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
                      for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
@@ -190,6 +191,8 @@ def jax_part(args):
       return "ours_mgpu_noidx"
     if c.schedule == "round_robin":
       return "ours_mgpu_rr"
+    if not c.rebalance:
+      return "ours_mgpu_norebal"
     if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
       return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
     return "ours_mgpu"
