@@ -94,6 +94,10 @@ class MosaicConfig:
   # The memory warpgroup reads step s + 1's key block index (a global load) while step s's
   # slot is still busy, instead of after it frees (sparse masks only: dense has no list).
   prefetch_block_index: bool = True
+  # Sparse masks: with every K/V copy, also ask TMA to pull the K/V block this many steps
+  # ahead (same tile) into L2 (0: off). A low-density mask reads most blocks once, from HBM;
+  # the ring alone hides about one step of that latency.
+  l2_prefetch_steps: int = 0
 
   def __post_init__(self):
     if self.block_q != 64:
@@ -110,6 +114,8 @@ class MosaicConfig:
       raise ValueError(f"sorted_tail={self.sorted_tail} must be a fraction in [0, 1].")
     if self.tile_overhead_steps < 0:
       raise ValueError(f"tile_overhead_steps={self.tile_overhead_steps} must be >= 0.")
+    if not 0 <= self.l2_prefetch_steps <= 8:
+      raise ValueError(f"l2_prefetch_steps={self.l2_prefetch_steps} must be in [0, 8].")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be >= 1 (or None: one per SM).")
 
@@ -189,6 +195,7 @@ class _Static:
   prefetch_tile_info: bool = True
   defer_store_wait: bool = True
   prefetch_block_index: bool = True
+  l2_prefetch_steps: int = 0
 
 
 def _block_at(st: _Static, idx_ref, qi, hi, bi):
@@ -344,14 +351,19 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
 
   k_ready, v_ready, k_free, v_free = barriers
   prefetch = st.prefetch_block_index and not st.dense
+  ahead = 0 if st.dense else st.l2_prefetch_steps
   last = jnp.maximum(total - 1, 0)
 
   def step(s, carry):
+    g, carry = carry[0], carry[1:]
     if prefetch:
-      g, blk = carry
+      blk, carry = carry[0], carry[1:]
       nxt = block_at(jnp.minimum(s + 1, last))  # clamped: the list's padding is never read
     else:
-      g, blk = carry, block_at(s)
+      blk = block_at(s)
+    if ahead:
+      far = carry[0]  # block of step s + ahead, read one iteration earlier
+      far_nxt = block_at(jnp.minimum(s + ahead + 1, last))
     ring = jnp.int32(st.ring)  # made inside the loop body (see _attend)
     slot = lax.rem(g, ring)
     rows = pl.ds(blk * st.block_kv, st.block_kv)
@@ -367,12 +379,20 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
       plgpu.barrier_wait(v_free.at[slot])
 
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_ready.at[slot])
-    return (g + 1, nxt) if prefetch else g + 1
+    if ahead:
+      @pl.when(s + ahead < total)
+      def _():
+        far_rows = pl.ds(far * st.block_kv, st.block_kv)
+        plgpu.async_prefetch(k_ref.at[bi, far_rows, hi])
+        plgpu.async_prefetch(v_ref.at[bi, far_rows, hi])
+    return (g + 1, *((nxt,) if prefetch else ()), *((far_nxt,) if ahead else ()))
 
-  if not prefetch:
-    return lax.fori_loop(0, total, step, g0)
-  blk0 = block_at(total - total) if first_block is None else first_block
-  return lax.fori_loop(0, total, step, (g0, blk0))[0]
+  init = (g0,)
+  if prefetch:
+    init += (block_at(total - total) if first_block is None else first_block,)
+  if ahead:
+    init += (block_at(jnp.minimum(total - total + ahead, last)),)
+  return lax.fori_loop(0, total, step, init)[0]
 
 
 def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref, lse_ref, scoped,
@@ -683,7 +703,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
                return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles,
                prefetch_tile_info=config.prefetch_tile_info,
                defer_store_wait=config.defer_store_wait,
-               prefetch_block_index=config.prefetch_block_index)
+               prefetch_block_index=config.prefetch_block_index,
+               l2_prefetch_steps=config.l2_prefetch_steps)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)

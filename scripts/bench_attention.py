@@ -111,9 +111,11 @@ def jax_part(args):
   def timed_row(fn, xs, flops=None, **kw):
     """Queue fn(*xs) for this shape's interleaved timing round (`run_round`); its vs_cudnn
     comes from the round's own cuDNN row."""
+    if args.mgpu_only and not kw["impl"].startswith(("ours_mgpu", "jax_cudnn")):
+      return
     pending.append((fn, xs, flops, kw))
 
-  def run_round(reps=7, warm_ms=15.0, window_ms=20.0):
+  def run_round(warm_ms=15.0, window_ms=20.0):
     """Compile every queued kernel, then time them round-robin: each repeat runs every kernel
     once, so clock changes over the round hit all of them alike. A slot first runs its kernel
     for ~warm_ms untimed (clocks settle after the previous kernel, heavier or idle), then
@@ -133,7 +135,7 @@ def jax_part(args):
         log("FAILED", json.dumps(kw))
     pending.clear()
     ts = [[] for _ in ok]
-    for _ in range(reps):
+    for _ in range(args.reps):
       for i, (fn, xs, _, kw) in enumerate(ok):
         warm, n = kw["_counts"]
         time.sleep(args.gap)
@@ -174,13 +176,20 @@ def jax_part(args):
   mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
                            prefetch_tile_info=False, defer_store_wait=False,
                            prefetch_block_index=False)
-  mgpu_masked = (mgpu_p, mgpu_norebal, mgpu_noidx, mgpu_rr, mgpu_prev)
+  # --mgpu-only (A/B runs) keeps the current kernel, its schedule without rebalancing and the
+  # --l2-prefetch variants.
+  mgpu_masked = ((mgpu_p, mgpu_norebal) if args.mgpu_only else
+                 (mgpu_p, mgpu_norebal, mgpu_noidx, mgpu_rr, mgpu_prev)) + tuple(
+      dataclasses.replace(mgpu_p, l2_prefetch_steps=n, rebalance=rb)
+      for n in args.l2_prefetch for rb in (True, False))
   # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
   sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
                      for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
                                                              mgpu_p.tile_overhead_steps))
 
   def mgpu_name(c):
+    if c.l2_prefetch_steps:
+      return f"ours_mgpu_l2p{c.l2_prefetch_steps}" + ("" if c.rebalance else "_norebal")
     if not c.persistent:
       return "ours_mgpu_nonpersistent"
     if not c.pingpong_across_tiles:
@@ -196,7 +205,8 @@ def jax_part(args):
     if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
       return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
     return "ours_mgpu"
-  mgpu_dense_cfgs = [mgpu_p, mgpu_nodefer, mgpu_prev]  # dense: equal costs, list = round-robin
+  # dense: equal costs, list = round-robin
+  mgpu_dense_cfgs = [mgpu_p] if args.mgpu_only else [mgpu_p, mgpu_nodefer, mgpu_prev]
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -514,11 +524,17 @@ def main():
   p.add_argument("--sched-sweep", default="",
                  help="extra list-schedule settings for the last scale's masks, "
                  "'tail,overhead;...' (MosaicConfig.sorted_tail, tile_overhead_steps)")
+  p.add_argument("--mgpu-only", action="store_true",
+                 help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
+  p.add_argument("--reps", type=int, default=7, help="timing repeats per kernel (median)")
+  p.add_argument("--l2-prefetch", default="",
+                 help="extra Mosaic rows with MosaicConfig.l2_prefetch_steps=N, e.g. '2,3'")
   p.add_argument("--time-limit", type=float, default=300.0, help="seconds per part")
   args = p.parse_args()
   args.heads = [int(h) for h in args.heads.split(",")]
   args.scales = [int(s) for s in args.scales.split(",")]
   args.gather_groups = [int(g) for g in args.gather_groups.split(",") if g]
+  args.l2_prefetch = [int(n) for n in args.l2_prefetch.split(",") if n]
   args.sched_sweep = [tuple(float(x) for x in t.split(",")) for t in args.sched_sweep.split(";")
                       if t]
   sys.path.insert(0, os.path.dirname(HERE))
