@@ -287,6 +287,8 @@ CHECKS = [
     ("mgpu_rr_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(schedule="round_robin"))),
     ("mgpu_traced_mask", lambda: check_mgpu_random_empty_rows(traced=True)),
+    ("mgpu_l2p_random_empty_rows", lambda: check_mgpu_random_empty_rows(
+        config=MosaicConfig(l2_prefetch_steps=2))),
     ("csla_tiles_s12", check_csla_tiles),
     ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
