@@ -51,6 +51,7 @@ from pallas_kernels.block_sparse import LOG2E, _check_qkv, _concrete, _pad_axis
 
 LN2 = math.log(2.0)
 _COMPUTE_WGS = 2
+REBALANCE_MODES = ("head", "any", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +81,9 @@ class MosaicConfig:
   tile_overhead_steps: float = 1.0
   # "list" only: after dealing, move or swap single tiles off the busiest CTA while that
   # lowers the busiest's end (`tile_schedule`); each CTA still runs its tiles in launch order,
-  # its share of the sorted tail last.
-  rebalance: bool = True
+  # its share of the sorted tail last. "head": swaps only between tiles of one (batch, head)
+  # (they read the same K/V), "any": any swap, "off".
+  rebalance: str = "head"
   # Persistent: the two compute warpgroups' ping-pong offset opens once per CTA and runs on
   # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
   pingpong_across_tiles: bool = True
@@ -108,6 +110,8 @@ class MosaicConfig:
     if self.max_concurrent_steps < 2:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must be >= 2 "
                        "(double buffering at least).")
+    if self.rebalance not in REBALANCE_MODES:
+      raise ValueError(f"rebalance={self.rebalance!r} must be one of {REBALANCE_MODES}.")
     if self.schedule not in ("list", "round_robin"):
       raise ValueError(f"schedule={self.schedule!r} must be 'list' or 'round_robin'.")
     if not 0.0 <= self.sorted_tail <= 1.0:
@@ -537,11 +541,12 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     walk(tile)
 
 
-def _rebalance(owner, costs, num_ctas: int, max_moves: int):
+def _rebalance(owner, costs, num_ctas: int, max_moves: int, group=None):
   """Local search on a tile -> CTA assignment: while some single move of a tile off the
   busiest CTA, or swap of it for a cheaper tile of another CTA, leaves both CTAs below the
-  busiest's load, apply the best such change. Each change lowers the busiest load or the
-  number of CTAs at it, so it terminates; returns the new owner array."""
+  busiest's load, apply the best such change. group (per tile, optional): swaps only between
+  tiles of one group. Each change lowers the busiest load or the number of CTAs at it, so it
+  terminates; returns the new owner array."""
   owner = owner.copy()
   loads = np.bincount(owner, weights=costs, minlength=num_ctas)
   for _ in range(max_moves):
@@ -558,6 +563,8 @@ def _rebalance(owner, costs, num_ctas: int, max_moves: int):
       d = c_mine[:, None] - costs[others][None, :]  # swap: cost shifted to the other CTA
       swapped = np.maximum(top - d, loads[owner[others]][None, :] + d)
       swapped[d <= 0] = np.inf
+      if group is not None:
+        swapped[group[mine][:, None] != group[others][None, :]] = np.inf
       i, j = np.unravel_index(int(np.argmin(swapped)), swapped.shape)
       if swapped[i, j] < best:
         best, change = swapped[i, j], (mine[i], others[j], owner[others[j]])
@@ -575,7 +582,8 @@ def _rebalance(owner, costs, num_ctas: int, max_moves: int):
 
 
 def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: float = 0.2,
-                  tile_overhead_steps: float = 1.0, rebalance: bool = True):
+                  tile_overhead_steps: float = 1.0, rebalance: str = "head",
+                  tiles_per_head: int = 1):
   """Work table of the persistent kernel. Returns numpy (work [G, R] int32 tile ids padded
   with 0, count [G]); tile t = qi + nQ * (head + H * batch) (launch order: query tiles of one
   head together, so the tiles in flight share that head's K/V in L2).
@@ -593,10 +601,14 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
 
   rebalance (costs given): the dealt assignment is then improved by single-tile moves and
   swaps off the busiest CTA (`_rebalance`); each CTA keeps its tiles in launch order, its
-  share of the tail longest first. Predicted busiest/mean on the benchmark's masks (132 CTAs):
-  random 5% blocks at 16 heads 1.042 -> 1.021, CSLA scale 12 1.033 -> 1.016 (16 heads),
-  1.025 -> 1.004 (28 heads). Scale 10's 416 tiles of ~8 steps stay at 1.20: 3.15 tiles per
-  CTA cannot be evened out whole.
+  share of the tail longest first. "any" balances best on paper (busiest/mean, 132 CTAs:
+  CSLA s11 28 heads 1.052 -> 1.001, s12 16 heads 1.033 -> 1.016, random 5% 16 heads 1.042 ->
+  1.021) but scatters the (batch, head)s in flight (28 h s11: 10 -> 25 on average, more K/V
+  than L2 holds) and measured 6-8% slower there on the H100 (faster on s12, WORKSPACE.md).
+  "head" (default) swaps only tiles of one (batch, head) — tile ids t // tiles_per_head —
+  so heads in flight stay near the dealt schedule's (28 h s11 12, s12 8) at most of the gain
+  (1.026, 1.025, 1.021). Scale 10's 416 tiles of ~8 steps stay at 1.20: 3.15 tiles per CTA
+  cannot be evened out whole.
   """
   if costs is None:
     rounds = -(-num_tiles // num_ctas)
@@ -614,8 +626,11 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
     load, c = heapq.heappop(heap)
     owner[t] = c
     heapq.heappush(heap, (load + costs[t], c))
-  if rebalance:
-    owner = _rebalance(owner, costs, num_ctas, max_moves=4 * num_tiles)
+  if rebalance not in REBALANCE_MODES:
+    raise ValueError(f"rebalance={rebalance!r} must be one of {REBALANCE_MODES}.")
+  if rebalance != "off":
+    group = np.arange(num_tiles) // tiles_per_head if rebalance == "head" else None
+    owner = _rebalance(owner, costs, num_ctas, max_moves=4 * num_tiles, group=group)
   # Per CTA, in dealing order: its launch-order tiles ascending, then its tail tiles.
   lists = [[] for _ in range(num_ctas)]
   for t in order:
@@ -677,7 +692,7 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
     work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs,
                                 sorted_tail=config.sorted_tail,
                                 tile_overhead_steps=config.tile_overhead_steps,
-                                rebalance=config.rebalance)
+                                rebalance=config.rebalance, tiles_per_head=nq)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
                     jnp.asarray(nwork), kv_len=kv_len, scale=scale, return_lse=return_lse,
                     config=config, dense=mask is None)

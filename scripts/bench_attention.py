@@ -170,7 +170,8 @@ def jax_part(args):
   mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
   mgpu_nodefer = MosaicConfig(persistent=True, defer_store_wait=False)
   mgpu_noidx = MosaicConfig(persistent=True, prefetch_block_index=False)
-  mgpu_norebal = MosaicConfig(persistent=True, rebalance=False)
+  mgpu_norebal = MosaicConfig(persistent=True, rebalance="off")
+  mgpu_rebal_any = MosaicConfig(persistent=True, rebalance="any")
   # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the next
   # tile's info or block index, the output store waited for at each tile's end.
   mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
@@ -178,10 +179,9 @@ def jax_part(args):
                            prefetch_block_index=False)
   # --mgpu-only (A/B runs) keeps the current kernel, its schedule without rebalancing and the
   # --l2-prefetch variants.
-  mgpu_masked = ((mgpu_p, mgpu_norebal) if args.mgpu_only else
-                 (mgpu_p, mgpu_norebal, mgpu_noidx, mgpu_rr, mgpu_prev)) + tuple(
-      dataclasses.replace(mgpu_p, l2_prefetch_steps=n, rebalance=rb)
-      for n in args.l2_prefetch for rb in (True, False))
+  mgpu_masked = ((mgpu_p, mgpu_norebal, mgpu_rebal_any) if args.mgpu_only else
+                 (mgpu_p, mgpu_norebal, mgpu_rebal_any, mgpu_noidx, mgpu_rr, mgpu_prev)) + tuple(
+      dataclasses.replace(mgpu_p, l2_prefetch_steps=n) for n in args.l2_prefetch)
   # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
   sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
                      for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
@@ -189,7 +189,7 @@ def jax_part(args):
 
   def mgpu_name(c):
     if c.l2_prefetch_steps:
-      return f"ours_mgpu_l2p{c.l2_prefetch_steps}" + ("" if c.rebalance else "_norebal")
+      return f"ours_mgpu_l2p{c.l2_prefetch_steps}"
     if not c.persistent:
       return "ours_mgpu_nonpersistent"
     if not c.pingpong_across_tiles:
@@ -200,8 +200,8 @@ def jax_part(args):
       return "ours_mgpu_noidx"
     if c.schedule == "round_robin":
       return "ours_mgpu_rr"
-    if not c.rebalance:
-      return "ours_mgpu_norebal"
+    if c.rebalance != mgpu_p.rebalance:
+      return f"ours_mgpu_rebal_{c.rebalance}"
     if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
       return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
     return "ours_mgpu"

@@ -423,13 +423,14 @@ def test_list_schedule_covers_every_tile_once_and_balances_better(n, g, density)
   assert _busiest(work, count, cost) <= _busiest(rr_work, rr_count, cost)
 
 
+@pytest.mark.parametrize("mode", ["head", "any"])
 @pytest.mark.parametrize("n,g,density", [(1024, 132, 0.05), (1792, 132, 0.3), (416, 132, 0.1),
                                          (9, 4, 0.5)])
-def test_rebalanced_schedule_keeps_every_tile_and_never_raises_the_busiest(n, g, density):
+def test_rebalanced_schedule_keeps_every_tile_and_never_raises_the_busiest(n, g, density, mode):
   from pallas_kernels.block_sparse_mgpu import tile_schedule
   cost = np.random.default_rng(n).binomial(83, density, size=n)
-  work, count = tile_schedule(n, g, cost)
-  plain_work, plain_count = tile_schedule(n, g, cost, rebalance=False)
+  work, count = tile_schedule(n, g, cost, rebalance=mode, tiles_per_head=32)
+  plain_work, plain_count = tile_schedule(n, g, cost, rebalance="off")
   rows = [work[c, :count[c]] for c in range(g)]
   assert sorted(np.concatenate(rows).tolist()) == list(range(n))
   head = n - int(n * 0.2)
@@ -441,6 +442,20 @@ def test_rebalanced_schedule_keeps_every_tile_and_never_raises_the_busiest(n, g,
     mean = (cost.sum() + n) / g
     assert _busiest(plain_work, plain_count, cost) / mean > 1.03
     assert _busiest(work, count, cost) / mean < 1.025
+
+
+def test_head_rebalance_swaps_only_within_a_head():
+  from pallas_kernels.block_sparse_mgpu import tile_schedule
+  # Dealt: CTA 0 = tiles 0, 3 (5 + 2), CTA 1 = tiles 1, 2 (1 + 4). The only changes that
+  # lower the busiest (7 -> 6) swap tile 0 with 2 or 3 with 1: across heads (2 tiles each).
+  cost = np.array([5, 1, 4, 2])
+  kw = dict(sorted_tail=0.0, tile_overhead_steps=0.0, tiles_per_head=2)
+  busiest = lambda w, c: max(cost[w[i, :c[i]]].sum() for i in range(len(c)))
+  assert busiest(*tile_schedule(4, 2, cost, rebalance="off", **kw)) == 7
+  assert busiest(*tile_schedule(4, 2, cost, rebalance="head", **kw)) == 7
+  assert busiest(*tile_schedule(4, 2, cost, rebalance="any", **kw)) == 6
+  with pytest.raises(ValueError, match="rebalance="):
+    tile_schedule(4, 2, cost, rebalance="yes")
 
 
 def test_list_schedule_with_equal_costs_is_round_robin():
