@@ -5,6 +5,8 @@ block-granular, random masks) and the Triton-lowered kernels ("ours_pallas": den
 block-granular and exact masks, 2D-tile CSLA, gather, column sums).
 
 Usage (on the H100):  python scripts/bench_attention.py --out /tmp/bench
+Kernel-variant A/B (jax cuDNN + Mosaic rows only, more repeats):
+  python scripts/bench_attention.py --out /tmp/ab --part jax --mgpu-only --reps 11 --l2-prefetch 2
 It runs the JAX part in this process and the PyTorch part in a subprocess (same card, same
 run; separate allocators), then prints one table and writes bench.json.
 
