@@ -21,8 +21,9 @@ first blocks load while the previous tile finishes. That matters for sparse mask
 tiles are short (CSLA's last scale visits ~14 blocks per tile). With a concrete mask (CSLA's
 is numpy) tiles are list-scheduled by their step counts on the host: on the H100, against
 round-robin, 1.06-1.23x on CSLA's last scale and 1.16-1.37x on random 5-30% masks
-(WORKSPACE.md, session 3). `MosaicConfig(persistent=False)` is the
-one-CTA-per-tile grid.
+(WORKSPACE.md, session 3), then rebalanced by tile swaps within a (batch, head) (session 4:
+up to 1.09x more). The memory warpgroup reads each step's block index a step ahead.
+`MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
 
 Exact (token-level) masks stay on the Triton kernel in `block_sparse.py` (which walks them
 refined to 64x64 tiles): Hopper's wgmma register layout puts 32 key columns in each thread,
