@@ -340,7 +340,7 @@ def jax_part(args):
       if scale == first and not args.no_gather:
         ccfgs = [ColsumConfig()]
         if not interp:
-          ccfgs += [ColsumConfig(64, 128, 8, 2)]
+          ccfgs += [c for c in args.colsum_tiles if c != ccfgs[0]]
         impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mosaic",) if use_mgpu else ())
         for impl in impls:
           for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
@@ -526,6 +526,9 @@ def main():
   p.add_argument("--sched-sweep", default="",
                  help="extra list-schedule settings for the last scale's masks, "
                  "'tail,overhead;...' (MosaicConfig.sorted_tail, tile_overhead_steps)")
+  p.add_argument("--colsum-tiles", default="64,128,8,2",
+                 help="extra column-sum tiles with the cuDNN dense pass: "
+                      "block_q,block_kv,warps,stages[;...] (the default tiles always run)")
   p.add_argument("--mgpu-only", action="store_true",
                  help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
   p.add_argument("--reps", type=int, default=7, help="timing repeats per kernel (median)")
@@ -542,6 +545,9 @@ def main():
   sys.path.insert(0, os.path.dirname(HERE))
   from pallas_kernels.gather import GatherConfig
   args.gather_tiles = [GatherConfig(*map(int, t.split(","))) for t in args.gather_tiles.split(";")]
+  from pallas_kernels.colsum import ColsumConfig
+  args.colsum_tiles = [ColsumConfig(*map(int, t.split(","))) for t in args.colsum_tiles.split(";")
+                       if t]
   os.makedirs(args.out, exist_ok=True)
   if args.part == "torch":
     json.dump(torch_part(args), open(os.path.join(args.out, "torch.json"), "w"), indent=1)
