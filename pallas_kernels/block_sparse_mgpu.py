@@ -605,11 +605,13 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   share of the tail longest first. "any" balances best on paper (busiest/mean, 132 CTAs:
   CSLA s11 28 heads 1.052 -> 1.001, s12 16 heads 1.033 -> 1.016, random 5% 16 heads 1.042 ->
   1.021) but scatters the (batch, head)s in flight (28 h s11: 10 -> 25 on average, more K/V
-  than L2 holds) and measured 6-8% slower there on the H100 (faster on s12, WORKSPACE.md).
-  "head" (default) swaps only tiles of one (batch, head) — tile ids t // tiles_per_head —
-  so heads in flight stay near the dealt schedule's (28 h s11 12, s12 8) at most of the gain
-  (1.026, 1.025, 1.021). Scale 10's 416 tiles of ~8 steps stay at 1.20: 3.15 tiles per CTA
-  cannot be evened out whole.
+  than L2 holds) and measured slower than no rebalancing on the H100 (CSLA s11 28 h 6-11% in
+  three calls, s12 5-8% in the last; WORKSPACE.md, session 4). "head" (default) swaps only
+  tiles of one (batch, head) — tile ids t // tiles_per_head, which the kernel sets to its
+  query tiles per head (1: moves only) — so heads in flight stay near the dealt schedule's
+  (28 h s11 12, s12 8) at most of the gain (1.026, 1.025, 1.021); measured same or faster
+  than no rebalancing everywhere (up to 1.09x). Scale 10's 416 tiles of ~8 steps stay at
+  1.20: 3.15 tiles per CTA cannot be evened out whole.
   """
   if costs is None:
     rounds = -(-num_tiles // num_ctas)
