@@ -168,47 +168,38 @@ def jax_part(args):
   cudnn = jax.jit(lambda q, k, v: dense_attention(q, k, v, implementation=dense_impl))
   # Hopper kernel (Mosaic GPU): only where it compiles (an sm_90 GPU).
   use_mgpu = (not interp) and not args.no_mgpu
-  mgpu_p = MosaicConfig(persistent=True)
-  mgpu_rr = MosaicConfig(persistent=True, schedule="round_robin")
-  mgpu_nodefer = MosaicConfig(persistent=True, defer_store_wait=False)
-  mgpu_noidx = MosaicConfig(persistent=True, prefetch_block_index=False)
-  mgpu_norebal = MosaicConfig(persistent=True, rebalance="off")
-  mgpu_rebal_any = MosaicConfig(persistent=True, rebalance="any")
-  # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the next
-  # tile's info or block index, the output store waited for at each tile's end.
-  mgpu_prev = MosaicConfig(persistent=True, schedule="round_robin", pingpong_across_tiles=False,
-                           prefetch_tile_info=False, defer_store_wait=False,
-                           prefetch_block_index=False)
-  # --mgpu-only (A/B runs) keeps the current kernel, its schedule without rebalancing and the
-  # --l2-prefetch variants.
-  mgpu_masked = ((mgpu_p, mgpu_norebal, mgpu_rebal_any) if args.mgpu_only else
-                 (mgpu_p, mgpu_norebal, mgpu_rebal_any, mgpu_noidx, mgpu_rr, mgpu_prev)) + tuple(
-      dataclasses.replace(mgpu_p, l2_prefetch_steps=n) for n in args.l2_prefetch)
-  # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
-  sweep_cfgs = tuple(MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
-                     for t, o in args.sched_sweep if (t, o) != (mgpu_p.sorted_tail,
-                                                             mgpu_p.tile_overhead_steps))
-
-  def mgpu_name(c):
-    if c.l2_prefetch_steps:
-      return f"ours_mgpu_l2p{c.l2_prefetch_steps}"
-    if not c.persistent:
-      return "ours_mgpu_nonpersistent"
-    if not c.pingpong_across_tiles:
-      return "ours_mgpu_prev"
-    if not c.defer_store_wait:
-      return "ours_mgpu_nodefer"
-    if not c.prefetch_block_index:
-      return "ours_mgpu_noidx"
-    if c.schedule == "round_robin":
-      return "ours_mgpu_rr"
-    if c.rebalance != mgpu_p.rebalance:
-      return f"ours_mgpu_rebal_{c.rebalance}"
-    if (c.sorted_tail, c.tile_overhead_steps) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
-      return f"ours_mgpu_t{c.sorted_tail:g}_o{c.tile_overhead_steps:g}"
-    return "ours_mgpu"
+  # Kernel variants timed side by side, row name -> config (the default kernel first).
+  mgpu_p = MosaicConfig()
+  variants = {
+      "ours_mgpu": mgpu_p,
+      "ours_mgpu_rebal_off": MosaicConfig(rebalance="off"),
+      "ours_mgpu_rebal_any": MosaicConfig(rebalance="any"),
+      "ours_mgpu_noidx": MosaicConfig(prefetch_block_index=False),
+      "ours_mgpu_rr": MosaicConfig(schedule="round_robin"),
+      "ours_mgpu_nodefer": MosaicConfig(defer_store_wait=False),
+      # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the
+      # next tile's info or block index, the output store waited for at each tile's end.
+      "ours_mgpu_prev": MosaicConfig(schedule="round_robin", pingpong_across_tiles=False,
+                                     prefetch_tile_info=False, defer_store_wait=False,
+                                     prefetch_block_index=False),
+  }
+  l2_names = [f"ours_mgpu_l2p{n}" for n in args.l2_prefetch]
+  variants.update({name: MosaicConfig(l2_prefetch_steps=n)
+                   for name, n in zip(l2_names, args.l2_prefetch)})
+  # --mgpu-only (A/B runs) keeps the current kernel, its schedule without or with any-swap
+  # rebalancing and the --l2-prefetch variants.
+  masked_names = (["ours_mgpu", "ours_mgpu_rebal_off", "ours_mgpu_rebal_any"]
+                  + ([] if args.mgpu_only else ["ours_mgpu_noidx", "ours_mgpu_rr",
+                                                "ours_mgpu_prev"]) + l2_names)
   # dense: equal costs, list = round-robin
-  mgpu_dense_cfgs = [mgpu_p] if args.mgpu_only else [mgpu_p, mgpu_nodefer, mgpu_prev]
+  dense_names = ["ours_mgpu"] + ([] if args.mgpu_only else ["ours_mgpu_nodefer",
+                                                            "ours_mgpu_prev"])
+  # --sched-sweep: list-schedule knobs (sorted tail fraction, per-tile overhead in steps).
+  sweep_names = []
+  for t, o in args.sched_sweep:
+    if (t, o) != (mgpu_p.sorted_tail, mgpu_p.tile_overhead_steps):
+      sweep_names.append(f"ours_mgpu_t{t:g}_o{o:g}")
+      variants[sweep_names[-1]] = MosaicConfig(sorted_tail=t, tile_overhead_steps=o)
 
   def mg_fn(m, kv_len, cfg=MosaicConfig()):
     return jax.jit(lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=kv_len,
@@ -260,10 +251,9 @@ def jax_part(args):
       timed_row(bs_fn(dm, None, cfg_of["dense"]), (q, kb, vb), dense_flops,
                 heads=heads, scale=scale, impl="ours_pallas", mask="dense", frac=1.0)
       if use_mgpu:
-        for mcfg in mgpu_dense_cfgs:
-          timed_row(mg_fn(None, lk, mcfg), (q, kb, vb), dense_flops, heads=heads,
-                    scale=scale, impl=mgpu_name(mcfg),
-                    mask="dense", frac=1.0, config=str(mcfg))
+        for name in dense_names:
+          timed_row(mg_fn(None, lk, variants[name]), (q, kb, vb), dense_flops, heads=heads,
+                    scale=scale, impl=name, mask="dense", frac=1.0, config=str(variants[name]))
       rule = csla.csla_rule(scale)
       masks_out[f"rule_q_{scale}"] = np.asarray(rule.q_yx_2Q)
       masks_out[f"rule_k_{scale}"] = np.asarray(rule.k_box_4K)
@@ -284,9 +274,9 @@ def jax_part(args):
                       heads=heads, scale=scale, impl="ours_pallas_unrefined",
                       mask="csla128_exact", frac=frac, config=str(cfg))
         if use_mgpu and blk == 128:
-          for mcfg in mgpu_masked + (sweep_cfgs if scale == last else ()):
-            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
-                      scale=scale, impl=mgpu_name(mcfg), mask="csla128_block", frac=frac)
+          for name in masked_names + (sweep_names if scale == last else []):
+            timed_row(mg_fn(m, lk, variants[name]), (q, kb, vb), dense_flops * frac,
+                      heads=heads, scale=scale, impl=name, mask="csla128_block", frac=frac)
       if SCHED[scale] % 8 == 0:
         plan = csla.csla_tile_plan(scale, tile=8)
         frac = plan["pairs"] / (lq * lk)
@@ -306,9 +296,9 @@ def jax_part(args):
           timed_row(bs_fn(m, None, cfg_of["block"]), (q, kb, vb), dense_flops * frac,
                     heads=heads, scale=scale, impl="ours_pallas",
                     mask=f"random{int(dens * 100)}", frac=frac)
-          for mcfg in (mgpu_masked + sweep_cfgs if use_mgpu else ()):
-            timed_row(mg_fn(m, lk, mcfg), (q, kb, vb), dense_flops * frac, heads=heads,
-                      scale=scale, impl=mgpu_name(mcfg),
+          for name in (masked_names + sweep_names if use_mgpu else []):
+            timed_row(mg_fn(m, lk, variants[name]), (q, kb, vb), dense_flops * frac,
+                      heads=heads, scale=scale, impl=name,
                       mask=f"random{int(dens * 100)}", frac=frac)
       if scale in sorted(args.scales)[-2:] and not args.no_gather:
         g = 192 if not interp else 64
