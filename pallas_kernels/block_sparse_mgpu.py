@@ -196,11 +196,7 @@ class _Static:
   sel_b: bool
   sel_h: bool
   return_lse: bool
-  pingpong_across_tiles: bool = True
-  prefetch_tile_info: bool = True
-  defer_store_wait: bool = True
-  prefetch_block_index: bool = True
-  l2_prefetch_steps: int = 0
+  cfg: MosaicConfig  # the persistent-kernel and fetch switches are read from it
 
 
 def _block_at(st: _Static, idx_ref, qi, hi, bi):
@@ -347,7 +343,7 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
   """Memory warpgroup: stream the visited K/V blocks of one tile into the ring (global steps
   g0 .. g0 + total - 1), waiting for a slot's previous user to release it.
 
-  With st.prefetch_block_index the loop carries the next step's block index: its global load
+  With st.cfg.prefetch_block_index the loop carries the next step's block index: its global load
   is issued before this step's slot waits, so its latency (~0.3 us, a third of a step) no
   longer sits between a slot freeing and the TMA that refills it. first_block: step 0's
   index, read by the caller earlier still (None: read here)."""
@@ -355,8 +351,8 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   k_ready, v_ready, k_free, v_free = barriers
-  prefetch = st.prefetch_block_index and not st.dense
-  ahead = 0 if st.dense else st.l2_prefetch_steps
+  prefetch = st.cfg.prefetch_block_index and not st.dense
+  ahead = 0 if st.dense else st.cfg.l2_prefetch_steps
   last = jnp.maximum(total - 1, 0)
 
   def step(s, carry):
@@ -458,7 +454,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
 
   def tile_info(i):
     """(qi, hi, bi, steps, has_tail) of this CTA's tile i, clamped into its list: a chain of
-    dependent global loads (work -> count -> last index), so st.prefetch_tile_info issues it
+    dependent global loads (work -> count -> last index), so st.cfg.prefetch_tile_info issues it
     one tile ahead and carries the values instead of waiting on it at every tile start."""
     qi, hi, bi = coords(jnp.maximum(jnp.minimum(i, my_tiles - 1), 0))
     total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
@@ -468,7 +464,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     """fori_loop over this CTA's tiles; body(i, g0, info) -> steps, info = tile_info(i)."""
     def step(i, carry):
       g0, cur = carry[0], carry[1:]
-      if st.prefetch_tile_info:
+      if st.cfg.prefetch_tile_info:
         nxt = tile_info(i + 1)
       else:
         cur = nxt = tile_info(i)
@@ -487,7 +483,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       q_smem = q_smem4.at[buf, wg]
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
       hook = None
-      if st.defer_store_wait:
+      if st.cfg.defer_store_wait:
         def hook():
           # The previous tile's output went out through the other Q buffer; release it (for
           # the Q of tile i + 1) once its store has read it, with this tile's QK running.
@@ -496,12 +492,12 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.barrier_arrive(q_free.at[(1 - buf) * 2 + wg])
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
-                      total, has_tail, g0, wg, edges=not st.pingpong_across_tiles,
+                      total, has_tail, g0, wg, edges=not st.cfg.pingpong_across_tiles,
                       first_step_hook=hook)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
       _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
              qi * tile_q + wg * st.block_q)
-      if not st.defer_store_wait:
+      if not st.cfg.defer_store_wait:
         # The buffer is free once the store has read it.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         plgpu.barrier_arrive(q_free.at[buf * 2 + wg])
@@ -510,10 +506,10 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     # Both warpgroups pass two schedule barriers per step of every tile, so the ping-pong
     # offset opened here holds across tile boundaries: warpgroup 0 starts the next tile's
     # first QK while warpgroup 1 finishes this one, and the offset is paid back once.
-    if st.pingpong_across_tiles:
+    if st.cfg.pingpong_across_tiles:
       pl.when(wg == 1)(functools.partial(_schedule_barrier, schedule))
     walk(tile)
-    if st.pingpong_across_tiles:
+    if st.cfg.pingpong_across_tiles:
       pl.when(wg == 0)(functools.partial(_schedule_barrier, schedule))
     plgpu.wait_smem_to_gmem(0)
 
@@ -526,7 +522,7 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       block_at = _block_at(st, idx_ref, qi, hi, bi)
       # Step 0's block index is loaded before the Q buffers' waits, so it is there by the
       # time the first K copy is issued.
-      first = block_at(total - total) if st.prefetch_block_index and not st.dense else None
+      first = block_at(total - total) if st.cfg.prefetch_block_index and not st.dense else None
       buf = lax.rem(i, jnp.int32(2))
       for w in range(_COMPUTE_WGS):
         @pl.when(i >= 2)
@@ -720,11 +716,7 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
-               return_lse=return_lse, pingpong_across_tiles=config.pingpong_across_tiles,
-               prefetch_tile_info=config.prefetch_tile_info,
-               defer_store_wait=config.defer_store_wait,
-               prefetch_block_index=config.prefetch_block_index,
-               l2_prefetch_steps=config.l2_prefetch_steps)
+               return_lse=return_lse, cfg=config)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)
