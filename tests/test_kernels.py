@@ -408,17 +408,23 @@ def _busiest(work, count, cost):
   return max(cost[work[c, :count[c]]].sum() + count[c] for c in range(len(count)))
 
 
+def _assert_every_tile_once_in_launch_order(work, count, n, sorted_tail=0.2):
+  """Each tile on one CTA; per CTA the launch-order tiles come first and ascending (the
+  tiles in flight share a head's K/V in L2), the sorted tail after them."""
+  rows = [work[c, :count[c]] for c in range(len(count))]
+  assert sorted(np.concatenate(rows).tolist()) == list(range(n))
+  head = n - int(n * sorted_tail)
+  for r in rows:
+    early = r[r < head]
+    assert (np.diff(early) > 0).all() and (r[:len(early)] == early).all()
+
+
 @pytest.mark.parametrize("n,g,density", [(1024, 132, 0.05), (1792, 132, 0.2), (13, 5, 0.5)])
 def test_list_schedule_covers_every_tile_once_and_balances_better(n, g, density):
   from pallas_kernels.block_sparse_mgpu import tile_schedule
   cost = np.random.default_rng(n).binomial(83, density, size=n)
   work, count = tile_schedule(n, g, cost, sorted_tail=0.2)
-  rows = [work[c, :count[c]] for c in range(g)]
-  assert sorted(np.concatenate(rows).tolist()) == list(range(n))
-  head = n - int(n * 0.2)
-  for r in rows:  # launch order kept before the sorted tail (K/V of one head stays in L2)
-    early = r[r < head]
-    assert (np.diff(early) > 0).all() and (r[:len(early)] == early).all()
+  _assert_every_tile_once_in_launch_order(work, count, n)
   rr_work, rr_count = tile_schedule(n, g)
   assert _busiest(work, count, cost) <= _busiest(rr_work, rr_count, cost)
 
@@ -431,12 +437,7 @@ def test_rebalanced_schedule_keeps_every_tile_and_never_raises_the_busiest(n, g,
   cost = np.random.default_rng(n).binomial(83, density, size=n)
   work, count = tile_schedule(n, g, cost, rebalance=mode, tiles_per_head=32)
   plain_work, plain_count = tile_schedule(n, g, cost, rebalance="off")
-  rows = [work[c, :count[c]] for c in range(g)]
-  assert sorted(np.concatenate(rows).tolist()) == list(range(n))
-  head = n - int(n * 0.2)
-  for r in rows:  # launch-order tiles first and ascending, the tail after them
-    early = r[r < head]
-    assert (np.diff(early) > 0).all() and (r[:len(early)] == early).all()
+  _assert_every_tile_once_in_launch_order(work, count, n)
   assert _busiest(work, count, cost) <= _busiest(plain_work, plain_count, cost)
   if (n, g) == (1024, 132):  # the benchmark's random-5% shape: dealt 1.04x the mean load
     mean = (cost.sum() + n) / g
