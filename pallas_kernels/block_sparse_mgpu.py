@@ -128,14 +128,20 @@ class MosaicConfig:
   def mask_block_q(self) -> int:
     return _COMPUTE_WGS * self.block_q
 
-  def smem_bytes(self, head_dim: int, itemsize: int = 2) -> int:
+  def smem_bytes(self, head_dim: int, itemsize: int = 2, residual: bool = False,
+                 return_lse: bool = True) -> int:
     bufs = 2 if self.persistent else 1
     q = bufs * _COMPUTE_WGS * self.block_q * head_dim * itemsize
     kv = 2 * self.max_concurrent_steps * self.block_kv * head_dim * itemsize
-    return q + kv + bufs * _COMPUTE_WGS * self.block_q * 4
+    res = _COMPUTE_WGS * self.block_q * head_dim * itemsize if residual else 0
+    lse = bufs * _COMPUTE_WGS * self.block_q * 4 if return_lse else 0
+    return q + kv + res + lse + _SMEM_RESERVE
 
 
 _SMEM_LIMIT = 227 * 1024  # H100 shared memory per CTA
+# Barriers and the alignment of the swizzled buffers, as Mosaic GPU 0.10.2 counted them (2200 B
+# for the persistent kernel with residual and log-sum-exp buffers).
+_SMEM_RESERVE = 2304
 
 
 def _num_sms() -> int:
@@ -149,14 +155,17 @@ def _num_sms() -> int:
   return 132  # H100 SXM (also used when lowering for CUDA on a CPU host)
 
 
-def supports(q, mask: BlockMask | None, config: MosaicConfig = MosaicConfig()) -> str | None:
+def supports(q, mask: BlockMask | None, config: MosaicConfig = MosaicConfig(),
+             residual: bool = False, return_lse: bool = True) -> str | None:
   """None when the Mosaic kernel can run this call, else the reason it cannot."""
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} (bf16/fp16 only)"
   if q.shape[-1] not in (64, 128):
     return f"head dim {q.shape[-1]} (64 or 128 only)"
-  if config.smem_bytes(q.shape[-1]) > _SMEM_LIMIT:
-    return f"{config} needs {config.smem_bytes(q.shape[-1])} B of shared memory"
+  need = config.smem_bytes(q.shape[-1], residual=residual, return_lse=return_lse)
+  if need > _SMEM_LIMIT:
+    return (f"{config} needs {need} B of shared memory (residual={residual}, "
+            f"return_lse={return_lse}; the limit is {_SMEM_LIMIT})")
   if mask is not None and (mask.block_q != config.mask_block_q or mask.block_kv != config.block_kv):
     return (f"mask blocks {mask.block_q}x{mask.block_kv} differ from the kernel's "
             f"{config.mask_block_q}x{config.block_kv}")
@@ -196,6 +205,7 @@ class _Static:
   sel_b: bool
   sel_h: bool
   return_lse: bool
+  has_residual: bool
   cfg: MosaicConfig  # the persistent-kernel and fetch switches are read from it
 
 
@@ -321,21 +331,36 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
   return carry
 
 
-def _store(st: _Static, carry, o_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base):
-  """Normalise and start the TMA stores (the caller waits). Empty rows (acc = 0, l = 0) give
-  output 0 and log-sum-exp -inf."""
+def _store(st: _Static, carry, o_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base, res=None):
+  """Normalise, add the residual (res: (smem tile, its TMA barrier), loaded by
+  `_issue_residual`), and start the TMA stores (the caller waits). Empty rows (acc = 0,
+  l = 0) give output 0 (+ residual) and log-sum-exp -inf."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   acc, m_i, l_i = carry
   inv = 1.0 / jnp.maximum(l_i, jnp.float32(1e-30))
-  o_smem[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(st.dtype)
+  out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
+  if res is not None:
+    res_smem, res_ready = res
+    plgpu.barrier_wait(res_ready)
+    out = out + plgpu.load(res_smem, (), layout=plgpu.Layout.WGMMA).astype(jnp.float32)
+  o_smem[...] = out.astype(st.dtype)
   if st.return_lse:
     lse_smem[...] = (m_i + jnp.log2(l_i)) * LN2
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(o_smem, out_ref.at[bi, pl.ds(q_base, st.block_q), hi])
   if st.return_lse:
     plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q_base, st.block_q)])
+
+
+def _issue_residual(st: _Static, res_ref, res_smem, res_ready, bi, hi, q_base):
+  """A compute warpgroup starts the TMA of its 64 residual rows into its own buffer (read back
+  in `_store`). Issued at the tile's first QK, so the load hides behind the whole tile; the
+  previous tile's `_store` has read the buffer and fenced (commit_smem) before this."""
+  import jax.experimental.pallas as pl
+  import jax.experimental.pallas.mosaic_gpu as plgpu
+  plgpu.copy_gmem_to_smem(res_ref.at[bi, pl.ds(q_base, st.block_q), hi], res_smem, res_ready)
 
 
 def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at, g0, bi, hi,
@@ -396,16 +421,16 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
   return lax.fori_loop(0, total, step, init)[0]
 
 
-def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref, lse_ref, scoped,
-            *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref, out_ref, lse_ref,
+            scoped, *, st: _Static):
   """One CTA per (128-query tile, head, batch)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
   qi, hi, bi = lax.axis_index("q_seq"), lax.axis_index("heads"), lax.axis_index("batch")
   wg = lax.axis_index("wg")
-  smem, (k_ready, v_ready, q_ready), (k_free, v_free), _, schedule = scoped
-  q_smem4, k_smem, v_smem, lse_smem4 = smem
+  smem, (k_ready, v_ready, q_ready), (k_free, v_free), _, schedule, res_ready = scoped
+  q_smem4, k_smem, v_smem, lse_smem4, res_smem2 = smem
   total, block_at, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
 
   @pl.when(wg < _COMPUTE_WGS)
@@ -414,11 +439,15 @@ def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
     q_smem = q_smem4.at[0, wg]
     q_base = qi * (_COMPUTE_WGS * st.block_q) + wg * st.block_q
     plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q_base, st.block_q), hi], q_smem, q_ready.at[wg])
+    res = None
+    if st.has_residual:
+      res = (res_smem2.at[wg], res_ready.at[wg])
+      _issue_residual(st, res_ref, *res, bi, hi, q_base)
     plgpu.barrier_wait(q_ready.at[wg])
     carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
                     total, has_tail, total - total, wg)
     lse_smem = lse_smem4.at[0, wg] if st.return_lse else None
-    _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base)
+    _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base, res)
     plgpu.wait_smem_to_gmem(0)
 
   @pl.when(wg == _COMPUTE_WGS)
@@ -430,8 +459,8 @@ def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
            block_at, total - total, bi, hi)
 
 
-def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
-                       lse_ref, scoped, *, st: _Static, num_q_tiles, num_heads):
+def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref,
+                       out_ref, lse_ref, scoped, *, st: _Static, num_q_tiles, num_heads):
   """One CTA per SM walking its row of the work table (`tile_schedule`); the K/V ring
   runs on across tiles, so the next tile's first blocks load while this one finishes (short
   lists stop paying a pipeline fill and drain each). Q is double-buffered; a tile's output
@@ -441,8 +470,8 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
 
   cta = lax.axis_index("sm")
   wg = lax.axis_index("wg")
-  smem, (k_ready, v_ready, q_ready), (k_free, v_free), q_free, schedule = scoped
-  q_smem4, k_smem, v_smem, lse_smem4 = smem
+  smem, (k_ready, v_ready, q_ready), (k_free, v_free), q_free, schedule, res_ready = scoped
+  q_smem4, k_smem, v_smem, lse_smem4, res_smem2 = smem
   my_tiles = nwork_ref[cta]
   tile_q = _COMPUTE_WGS * st.block_q
 
@@ -482,21 +511,28 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
       buf = lax.rem(i, jnp.int32(2))
       q_smem = q_smem4.at[buf, wg]
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
-      hook = None
+      q_base = qi * tile_q + wg * st.block_q
+      res = (res_smem2.at[wg], res_ready.at[wg]) if st.has_residual else None
+      hooks = []
       if st.cfg.defer_store_wait:
-        def hook():
+        def release_previous_q():
           # The previous tile's output went out through the other Q buffer; release it (for
           # the Q of tile i + 1) once its store has read it, with this tile's QK running.
           @pl.when(i >= 1)
           def _():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.barrier_arrive(q_free.at[(1 - buf) * 2 + wg])
+        hooks.append(release_previous_q)
+      if res is not None:
+        hooks.append(lambda: _issue_residual(st, res_ref, *res, bi, hi, q_base))
+      def hook():
+        for h in hooks:
+          h()
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
                       total, has_tail, g0, wg, edges=not st.cfg.pingpong_across_tiles,
-                      first_step_hook=hook)
+                      first_step_hook=hook if hooks else None)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
-      _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi,
-             qi * tile_q + wg * st.block_q)
+      _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base, res)
       if not st.cfg.defer_store_wait:
         # The buffer is free once the store has read it.
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -645,14 +681,17 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
 
 def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 kv_len: int | None = None, scale: float | None = None,
-                                return_lse: bool = False, config: MosaicConfig = MosaicConfig()):
+                                return_lse: bool = False, residual=None,
+                                config: MosaicConfig = MosaicConfig()):
   """Block-granular block-sparse attention (mask given) or dense attention (mask None).
 
   q [B, Lq, H, D], k, v [B, Lk_buf, H, D], bf16 or fp16, D in (64, 128). Keys past kv_len
   (mask.kv_len, else `kv_len`, else Lk_buf) are ignored; a buffer padded to a multiple of
   block_kv avoids a copy. mask blocks must be (2 * block_q) x block_kv = 128 x block_kv.
-  Returns out [B, Lq, H, D] and with return_lse the natural-log log-sum-exp [B, H, Lq] f32
-  (-inf for a query whose list is empty; its output is 0).
+  residual: optional [B, Lq, H, D] in q's dtype, added to the normalised output in f32
+  before the store (CS4A's output cache; a separate XLA add would re-read and re-write the
+  whole output). Returns out [B, Lq, H, D] and with return_lse the natural-log log-sum-exp
+  [B, H, Lq] f32 (-inf for a query whose list is empty; its output is 0, or the residual).
 
   The visit lists and the persistent work table are built here, on the host, when the mask
   is concrete (numpy masks stay constants under an outer jit); a traced mask gets device
@@ -662,10 +701,13 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
   b, lq, h, d = q.shape
   if k.dtype != q.dtype or v.dtype != q.dtype:
     raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}.")
-  why = supports(q, mask, config)
+  why = supports(q, mask, config, residual=residual is not None, return_lse=return_lse)
   if why:
     raise NotImplementedError(f"Mosaic GPU attention does not support {why}; use "
                               "block_sparse_attention (Triton) instead.")
+  if residual is not None and (residual.shape != q.shape or residual.dtype != q.dtype):
+    raise ValueError(f"residual must match q ({q.shape}, {q.dtype}); got {residual.shape}, "
+                     f"{residual.dtype}.")
   if mask is not None:
     if lq != mask.q_len:
       raise ValueError(f"q has {lq} queries but the mask was built for q_len={mask.q_len}.")
@@ -695,12 +737,13 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 tile_overhead_steps=config.tile_overhead_steps,
                                 rebalance=config.rebalance, tiles_per_head=nq)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
-                    jnp.asarray(nwork), kv_len=kv_len, scale=scale, return_lse=return_lse,
-                    config=config, dense=mask is None)
+                    jnp.asarray(nwork), residual, kv_len=kv_len, scale=scale,
+                    return_lse=return_lse, config=config, dense=mask is None)
 
 
 @functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config", "dense"))
-def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, config, dense):
+def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, return_lse,
+               config, dense):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -716,7 +759,7 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
-               return_lse=return_lse, cfg=config)
+               return_lse=return_lse, has_residual=residual is not None, cfg=config)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)
@@ -728,23 +771,28 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
       grid, names = (h, nq, b), ("heads", "q_seq", "batch")
   q_bufs = 2 if config.persistent else 1
 
-  def entry(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref, lse_ref):
+  def entry(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, *rest):
+    res_ref = rest[0] if st.has_residual else None
+    out_ref, lse_ref = rest[-2:]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
         plgpu.SMEM((q_bufs, _COMPUTE_WGS, bq, d), dtype, transforms=tiles),
         plgpu.SMEM((ring, bk, d), dtype, transforms=tiles),
         plgpu.SMEM((ring, bk, d), dtype, transforms=tiles),
         plgpu.SMEM((q_bufs, _COMPUTE_WGS, bq), jnp.float32) if return_lse else None,
+        # One residual tile per compute warpgroup, refilled by its own TMA every tile.
+        plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tiles) if st.has_residual else None,
     ]
     pl.run_scoped(
-        lambda *sc: kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, out_ref,
-                           lse_ref, sc),
+        lambda *sc: kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref,
+                           out_ref, lse_ref, sc),
         scratch,
         (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
          plgpu.Barrier(num_barriers=q_bufs * _COMPUTE_WGS)),
         (plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),) * 2,
         plgpu.Barrier(num_barriers=q_bufs * _COMPUTE_WGS),
         plgpu.Barrier(num_arrivals=_COMPUTE_WGS),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS) if st.has_residual else None,
         collective_axes="wg",
     )
 
@@ -754,7 +802,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
       entry, out_type=out_type, grid=grid, grid_names=names,
       num_threads=_COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(qp, kp, vp, num, idx, work, nwork)
+  )(qp, kp, vp, num, idx, work, nwork,
+    *(() if residual is None else (_pad_axis(residual, 1, nq * tile_q),)))
   out = out[:, :lq]
   if return_lse:
     return out, lse[:, :, :lq]
@@ -766,13 +815,18 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, *, kv_len, scale, return_lse, con
 
 def block_sparse_attention_mgpu_reference(q, k, v, mask: BlockMask | None = None, *,
                                           kv_len: int | None = None, scale: float | None = None,
-                                          return_lse: bool = False):
+                                          return_lse: bool = False, residual=None):
   """Pure-JAX f32 reference of `block_sparse_attention_mgpu`: visited blocks whole (mask) or
-  every key (None), keys past kv_len never; empty rows 0 with log-sum-exp -inf."""
+  every key (None), keys past kv_len never; empty rows 0 (+ residual) with log-sum-exp -inf."""
   from pallas_kernels.block_sparse import masked_attention_reference, token_mask_of
   if mask is not None:
     keep = token_mask_of(mask)
   else:
     kv_len = k.shape[1] if kv_len is None else kv_len
     keep = jnp.ones((1, 1, q.shape[1], kv_len), bool)
-  return masked_attention_reference(q, k, v, keep, scale=scale, return_lse=return_lse)
+  got = masked_attention_reference(q, k, v, keep, scale=scale, return_lse=return_lse)
+  if residual is None:
+    return got
+  out, lse = got if return_lse else (got, None)
+  out = out + residual.astype(jnp.float32)
+  return (out, lse) if return_lse else out

@@ -105,10 +105,13 @@ def _kernel(q_ref, k_ref, v_ref, cnt_ref, idx_ref, *rest, qk_scale, kv_len, bloc
     o_ref[...] = out.astype(o_ref.dtype)
 
 
+GATHER_BACKENDS = ("auto", "triton", "mosaic")
+
+
 def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size: int,
                      q_perm=None, rule: TokenBoxRule | None = None,
                      scale: float | None = None, config: GatherConfig = GatherConfig(),
-                     interpret: bool = False):
+                     interpret: bool = False, backend: str = "auto"):
   """Attention of each query group over its gathered keys; see `_gather_attention`.
 
   counts None means every slot is valid (fixed-budget top-k lists, as `topk_key_indices`
@@ -117,19 +120,49 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
   index would otherwise read a wrong key silently. Traced lists (computed under jit, e.g. by
   `topk_key_indices`) are in range by construction and are not checked.
 
-  Hopper has no row-gather TMA, so this stays a Triton kernel. Gathering the rows with XLA
-  into one K/V buffer per group and running the Mosaic flash kernel on them measured slower
-  on the H100 (16 heads, scale 12, 20% of keys: 0.398 vs 0.374 ms at 1024-query groups,
-  0.507 vs 0.377 at 512; WORKSPACE.md session 3): the copy costs more than the faster matmul
-  saves.
+  backend: "triton" (this module's kernel: any counts, q_perm, rule, any GPU, interpret
+  mode); "mosaic" (Hopper: each group's rows copied into one K/V buffer, then the Mosaic
+  flash kernel with the residual fused — `gather_mgpu.py`; full lists, no q_perm / rule,
+  group_size a multiple of 128); "auto": mosaic on an sm_90 GPU where it applies and
+  group_size >= gather_mgpu.AUTO_MIN_GROUP, triton otherwise.
   """
+  if backend not in GATHER_BACKENDS:
+    raise ValueError(f"backend={backend!r}; choose one of {GATHER_BACKENDS}.")
+  full = counts is None
   if counts is None:
     counts = np.full(np.shape(indices)[:3], np.shape(indices)[-1], np.int32)
   if _concrete(indices, counts):
     validate_gather_lists(indices, counts, k.shape[1])
+    full = full or bool((np.asarray(counts) == np.shape(indices)[-1]).all())
+  if backend != "triton":
+    from pallas_kernels import gather_mgpu
+    why = _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual)
+    if backend == "mosaic" and why:
+      raise NotImplementedError(f"the Mosaic gather path does not support {why}; use "
+                                "backend='triton'.")
+    if backend == "mosaic" or (not why and group_size >= gather_mgpu.AUTO_MIN_GROUP
+                               and _compat.on_hopper()):
+      return gather_mgpu.gather_attention_mgpu(q, k, v, indices, residual,
+                                               group_size=group_size, scale=scale)
   return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
                            q_perm=q_perm, rule=rule, scale=scale, config=config,
                            interpret=interpret)
+
+
+def _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual) -> str | None:
+  """None when gather_mgpu's Hopper path can run this call, else why not."""
+  from pallas_kernels import block_sparse_mgpu
+  if interpret:
+    return "interpret mode"
+  if q_perm is not None or rule is not None:
+    return "q_perm or rule (2D tiles / exact lists)"
+  if not full:
+    return "partial lists (counts < S somewhere, or counts traced: pass counts=None for full lists)"
+  if group_size % 128:
+    return f"group_size={group_size} (a multiple of 128 only)"
+  if residual is not None and residual.dtype != q.dtype:
+    return f"a {residual.dtype} residual with {q.dtype} queries (same dtype only)"
+  return block_sparse_mgpu.supports(q, None, residual=residual is not None, return_lse=False)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale", "config", "interpret"))

@@ -73,6 +73,7 @@ def jax_part(args):
                               block_sparse_attention, dense_attention, dense_colsum_attention,
                               gather_attention, key_budget)
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+  from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows
   from sparvar_jax.sparse import csla
 
   R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
@@ -113,7 +114,7 @@ def jax_part(args):
   def timed_row(fn, xs, flops=None, **kw):
     """Queue fn(*xs) for this shape's interleaved timing round (`run_round`); its vs_cudnn
     comes from the round's own cuDNN row."""
-    if args.mgpu_only and not kw["impl"].startswith(("ours_mgpu", "jax_cudnn")):
+    if args.mgpu_only and not kw["impl"].startswith(("ours_mgpu", "jax_cudnn", "rows_copy")):
       return
     pending.append((fn, xs, flops, kw))
 
@@ -311,7 +312,8 @@ def jax_part(args):
         frac = budget / lk
         for gcfg in (GatherConfig(64, 64, 4, 2), GatherConfig(64, 64, 4, 3)):
           f = jax.jit(lambda q, k, v, r, gcfg=gcfg: gather_attention(
-              q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp))
+              q, k, v, idx, cnt, r, group_size=g, config=gcfg, interpret=interp,
+              backend="triton"))
           timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                     impl="ours_pallas", mask="gather20", frac=frac, config=str(gcfg))
         # Other group sizes (the query group is a parameter of CS4A): 128-query tiles
@@ -324,9 +326,24 @@ def jax_part(args):
           gcfgs = [c for c in args.gather_tiles if g2 % c.block_q == 0]
           for gcfg in gcfgs:
             f = jax.jit(lambda q, k, v, r, gcfg=gcfg, idx2=idx2, cnt2=cnt2, g2=g2:
-                        gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg))
+                        gather_attention(q, k, v, idx2, cnt2, r, group_size=g2, config=gcfg,
+                                         backend="triton"))
             timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                       impl="ours_pallas", mask=f"gather20_g{g2}", frac=frac, config=str(gcfg))
+          # Hopper path: each group's rows copied once (Pallas), then the Mosaic kernel with
+          # the residual fused; the copy alone is timed too (its share of the row).
+          if use_mgpu and g2 % 128 == 0:
+            f = jax.jit(lambda q, k, v, r, idx2=idx2, g2=g2: gather_attention_mgpu(
+                q, k, v, idx2, r, group_size=g2))
+            timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
+                      impl="ours_mgpu", mask=f"gather20_g{g2}", frac=frac,
+                      config="rows copy + Mosaic")
+            s_pad = -(-budget // 128) * 128
+            idx_pad = jnp.pad(idx2, ((0, 0), (0, 0), (0, 0), (0, s_pad - budget)))
+            f = jax.jit(lambda k, v, idx_pad=idx_pad: gather_kv_rows(k, v, idx_pad, batch=B))
+            timed_row(f, (k, v), 0.0, heads=heads, scale=scale, impl="rows_copy",
+                      mask=f"gather20_g{g2}", frac=frac,
+                      config=f"{2 * 2 * B * ng2 * s_pad * heads * k.shape[-1] * 2 / 1e6:.0f} MB moved")
       if scale == first and not args.no_gather:
         ccfgs = [ColsumConfig()]
         if not interp:
@@ -507,7 +524,7 @@ def main():
   p.add_argument("--gap", type=float, default=0.0,
                  help="idle seconds before each timed slot (the warm-up inside a slot is what "
                  "evens out clocks; a gap lets them drop, which penalises short kernels)")
-  p.add_argument("--gather-groups", default="256,512",
+  p.add_argument("--gather-groups", default="512,1024",
                  help="extra CS4A query-group sizes for the gather rows (192 is always run)")
   p.add_argument("--gather-tiles", default="128,64,4,3",
                  help="gather tiles for those groups: block_q,block_kv,warps,stages[;...] "

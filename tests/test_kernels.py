@@ -309,12 +309,14 @@ def _lowers_to_mosaic_gpu(fn, *args) -> bool:
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("lq,lk_buf,kv_len,d,dtype,kv,steps,masked", [
-    (4096, 10624, 10521, 128, jnp.bfloat16, 128, 2, False),
-    (300, 1000, 999, 128, jnp.bfloat16, 128, 2, True),
-    (1000, 3072, 3001, 64, jnp.float16, 64, 4, True),
+@pytest.mark.parametrize("lq,lk_buf,kv_len,d,dtype,kv,steps,masked,residual", [
+    (4096, 10624, 10521, 128, jnp.bfloat16, 128, 2, False, False),
+    (300, 1000, 999, 128, jnp.bfloat16, 128, 2, True, False),
+    (1000, 3072, 3001, 64, jnp.float16, 64, 4, True, False),
+    (1000, 2176, 2104, 128, jnp.bfloat16, 128, 2, False, True),
+    (300, 1000, 999, 64, jnp.float16, 128, 2, True, True),
 ])
-def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, masked,
+def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, masked, residual,
                                      persistent):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   cfg = MosaicConfig(block_kv=kv, max_concurrent_steps=steps, persistent=persistent)
@@ -326,9 +328,10 @@ def test_mgpu_kernel_lowers_for_cuda(lq, lk_buf, kv_len, d, dtype, kv, steps, ma
     m = BlockMask.from_block_types(types, q_len=lq, kv_len=kv_len, block_q=128, block_kv=kv)
   q = jax.ShapeDtypeStruct((b, lq, h, d), dtype)
   k = jax.ShapeDtypeStruct((b, lk_buf, h, d), dtype)
-  fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, kv_len=None if m else kv_len,
-                                                   return_lse=True, config=cfg)
-  assert _lowers_to_mosaic_gpu(fn, q, k, k)
+  fn = lambda q, k, v, r: block_sparse_attention_mgpu(
+      q, k, v, m, kv_len=None if m else kv_len, return_lse=not (residual and d == 128),
+      residual=r, config=cfg)
+  assert _lowers_to_mosaic_gpu(fn, q, k, k, q if residual else None)
 
 
 def test_mgpu_visit_lists_merge_sort_and_refuse_bad_shapes():
@@ -538,3 +541,96 @@ def test_gather_attention_refuses_out_of_range_concrete_lists():
   out = gather_attention(q, k, k, idx, np.array([[[2]]], np.int32), group_size=32,
                          config=GatherConfig(16, 16), interpret=True)
   assert out.shape == q.shape
+
+
+# ------------------------------------------------------------------ gather on Hopper (copy + Mosaic)
+
+
+@pytest.mark.parametrize("bm,hm,rows", [(2, 3, 32), (1, 1, 16), (2, 1, 64)])
+def test_gather_kv_rows_matches_reference(bm, hm, rows):
+  from pallas_kernels import RowGatherConfig, gather_kv_rows, gather_kv_rows_reference
+  rng = np.random.default_rng(40 + rows)
+  b, lk, h, d, ng, slots = 2, 77, 3, 16, 3, 64
+  k = jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32)
+  idx = jnp.asarray(rng.integers(-5, lk + 5, (bm, hm, ng, slots)), jnp.int32)  # clamped
+  kg, vg = gather_kv_rows(k, v, idx, batch=b, config=RowGatherConfig(rows), interpret=True)
+  rk, rv = gather_kv_rows_reference(k, v, idx, batch=b)
+  assert kg.shape == (b * ng, slots, h, d)
+  np.testing.assert_array_equal(np.asarray(kg), np.asarray(rk))
+  np.testing.assert_array_equal(np.asarray(vg), np.asarray(rv))
+  # Spot-check the layout by hand: (batch 1, group 2, slot 5, head 2).
+  i = int(np.clip(np.asarray(idx)[bm - 1, hm - 1, 2, 5], 0, lk - 1))
+  np.testing.assert_array_equal(np.asarray(kg)[1 * ng + 2, 5, 2], np.asarray(k)[1, i, 2])
+
+
+@pytest.mark.parametrize("lq,slots,with_res,bm", [(300, 70, True, 2), (256, 128, False, 1)])
+def test_gather_attention_mgpu_plumbing_matches_reference(lq, slots, with_res, bm):
+  """Everything of the Hopper gather path but the Mosaic kernel (its f32 reference stands in;
+  the kernel itself is lowered below and GPU-checked): group split with a padded last
+  group, slot padding masked by kv_len, broadcast lists, the fused residual."""
+  from pallas_kernels import block_sparse_attention_mgpu_reference, gather_attention_mgpu
+  rng = np.random.default_rng(slots)
+  b, lk, h, d, g = 2, 200, 2, 16, 128
+  q, k, v = _qkv(rng, b, lq, lk, h, d)
+  ng = -(-lq // g)
+  idx = np.sort(np.argsort(rng.random((bm, h, ng, lk)), -1)[..., :slots], -1).astype(np.int32)
+  res = jnp.asarray(rng.standard_normal(q.shape), jnp.float32) if with_res else None
+  out = gather_attention_mgpu(q, k, v, jnp.asarray(idx), res, group_size=g, scale=0.2,
+                              attention=block_sparse_attention_mgpu_reference, interpret=True)
+  ref = gather_attention_reference(q, k, v, jnp.asarray(idx),
+                                   jnp.full(idx.shape[:3], slots, jnp.int32), res,
+                                   group_size=g, scale=0.2)
+  assert out.shape == q.shape
+  assert _rel(out, ref) < 1e-5
+
+
+def test_gather_backend_choice_and_refusals():
+  rng = np.random.default_rng(3)
+  q, k, v = _qkv(rng, 1, 128, 90, 1, 16)
+  idx = jnp.asarray(np.arange(32, dtype=np.int32).reshape(1, 1, 1, 32))
+  kw = dict(group_size=128, config=GatherConfig(16, 16), interpret=True)
+  with pytest.raises(ValueError, match="backend="):
+    gather_attention(q, k, v, idx, backend="cuda", **kw)
+  with pytest.raises(NotImplementedError, match="interpret mode"):
+    gather_attention(q, k, v, idx, backend="mosaic", **kw)
+  # "auto" off Hopper (and in interpret mode) is the Triton kernel: same as "triton".
+  a = gather_attention(q, k, v, idx, **kw)
+  t = gather_attention(q, k, v, idx, backend="triton", **kw)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(t))
+  from pallas_kernels.gather import _mosaic_unsupported
+  qb = jnp.zeros((1, 128, 1, 128), jnp.bfloat16)
+  assert _mosaic_unsupported(qb, True, 128, None, None, False, None) is None
+  assert _mosaic_unsupported(qb, True, 128, None, None, True, None) == "interpret mode"
+  assert "head dim" in _mosaic_unsupported(q.astype(jnp.bfloat16), True, 128, None, None,
+                                           False, None)
+  assert "partial lists" in _mosaic_unsupported(qb, False, 128, None, None, False, None)
+  assert "q_perm" in _mosaic_unsupported(qb, True, 128, jnp.arange(128), None, False, None)
+  assert "multiple of 128" in _mosaic_unsupported(qb, True, 192, None, None, False, None)
+  assert "dtype" in _mosaic_unsupported(qb.astype(jnp.float32), True, 128, None, None, False,
+                                        None)
+  assert "same dtype" in _mosaic_unsupported(qb, True, 128, None, None, False,
+                                             qb.astype(jnp.float32))
+
+
+def test_gather_attention_mgpu_lowers_for_cuda():
+  from pallas_kernels import gather_attention_mgpu
+  q = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
+  k = jax.ShapeDtypeStruct((2, 2000, 3, 128), jnp.bfloat16)
+  idx = jax.ShapeDtypeStruct((2, 3, 4, 403), jnp.int32)
+  fn = lambda q, k, v, i, r: gather_attention_mgpu(q, k, v, i, r, group_size=256)
+  assert _lowers_to_mosaic_gpu(fn, q, k, k, idx, q)
+  fn = lambda q, k, v, i: gather_attention_mgpu(q, k, v, i, group_size=256)
+  assert _lowers_to_mosaic_gpu(fn, q, k, k, idx)
+
+
+def test_mgpu_refuses_residual_it_cannot_hold():
+  from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu, supports
+  q = jnp.zeros((1, 128, 1, 128), jnp.bfloat16)
+  # Persistent, ring 2, D 128: residual tiles and log-sum-exp buffers do not both fit.
+  assert "shared memory" in supports(q, None, residual=True, return_lse=True)
+  assert supports(q, None, residual=True, return_lse=False) is None
+  with pytest.raises(NotImplementedError, match="shared memory"):
+    block_sparse_attention_mgpu(q, q, q, residual=q, return_lse=True)
+  with pytest.raises(ValueError, match="residual must match"):
+    block_sparse_attention_mgpu(q, q, q, residual=q.astype(jnp.float16))

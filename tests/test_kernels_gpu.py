@@ -204,10 +204,13 @@ def check_mgpu_csla(query_scale=12, heads=2, d=128, dtype=jnp.bfloat16, config=M
 
 
 def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(),
-                                 traced=False):
+                                 traced=False, residual=False):
   """Per-(batch, head) random masks, an empty query block, odd Lq, kv_len cut. A concrete
   mask runs the list schedule (config.schedule="list"), a traced one (jit argument) the
-  round-robin table from device-built lists."""
+  round-robin table from device-built lists. residual: a residual fused in the store (then
+  no log-sum-exp: at D 128 both do not fit in shared memory); empty rows return it."""
+  if residual:
+    return _check_mgpu_random_residual(d, dtype, config)
   rng = _rng()
   b, lq, lk, h = 2, 1000, 3001, 3
   nq, nk = -(-lq // 128), -(-lk // 128)
@@ -234,6 +237,57 @@ def check_mgpu_random_empty_rows(d=128, dtype=jnp.bfloat16, config=MosaicConfig(
                  f"{' traced mask' if traced else ''}"
                  f"{' ' + config.schedule if config.persistent else ''}",
                  max(_rel(out, ref), err_lse), out)
+
+
+def _random_mask(rng, b, h, lq, lk):
+  nq, nk = -(-lq // 128), -(-lk // 128)
+  types = (rng.random((b, h, nq, nk)) < 0.3).astype(np.int8) * 2
+  types[..., -1] = np.where(rng.random((b, h, nq)) < 0.5, 1, 0)
+  types[1, 2, 3] = 0
+  return BlockMask.from_block_types(types, q_len=lq, kv_len=lk, block_q=128, block_kv=128)
+
+
+def _check_mgpu_random_residual(d, dtype, config):
+  from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu_reference
+  rng = _rng()
+  b, lq, lk, h = 2, 1000, 3001, 3
+  m = _random_mask(rng, b, h, lq, lk)
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  res = jnp.asarray(rng.standard_normal(q.shape, np.float32), dtype)
+  f = jax.jit(lambda q, k, v, r: block_sparse_attention_mgpu(q, k, v, m, residual=r,
+                                                             config=config))
+  out = _poisoned(f, q, k, v, res)
+  ref = block_sparse_attention_mgpu_reference(q, k, v, m, residual=res)
+  assert bool((out[1, 384:512, 2] == res[1, 384:512, 2]).all()), \
+      "empty rows must return the residual"
+  return _finish(f"mgpu random 30% + residual + empty rows D{d}"
+                 f"{'' if config.persistent else ' non-persistent'}", _rel(out, ref), out)
+
+
+def check_mgpu_gather(d=128, dtype=jnp.bfloat16, group_size=256, config=MosaicConfig()):
+  """The Hopper gather path (rows copied per group, Mosaic kernel, fused residual): odd Lq (a
+  padded last group), a budget that is not a multiple of 128, per-(batch, head) lists."""
+  from pallas_kernels.gather_mgpu import gather_attention_mgpu
+  rng = _rng()
+  b, h, lq, lk = 2, 3, 2100, 6425
+  q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
+  ng = -(-lq // group_size)
+  budget = key_budget(0.2, lk, 64)
+  idx = np.sort(np.argsort(rng.random((b, h, ng, lk)), -1)[..., :budget], -1).astype(np.int32)
+  idx = jnp.asarray(idx)
+  res = jnp.asarray(0.1 * rng.standard_normal(q.shape, np.float32), dtype)
+  f = jax.jit(lambda q, k, v, r: gather_attention_mgpu(q, k, v, idx, r, group_size=group_size,
+                                                       config=config))
+  out = _poisoned(f, q, k, v, res)
+  ref = gather_attention_reference(q, k, v, idx, jnp.full((b, h, ng), budget, jnp.int32), res,
+                                   group_size=group_size)
+  # backend="auto" takes this path for large enough groups; "mosaic" forces it.
+  out2 = jax.jit(lambda q, k, v, r: gather_attention(q, k, v, idx, None, r,
+                                                     group_size=group_size,
+                                                     backend="mosaic"))(q, k, v, res)
+  return _finish(f"mgpu gather 20% G{group_size} S{budget} + residual D{d}"
+                 f"{'' if config.persistent else ' non-persistent'}",
+                 max(_rel(out, ref), _rel(out2, ref)), out)
 
 
 def check_auto_backend_picks_mosaic():
@@ -289,6 +343,13 @@ CHECKS = [
     ("mgpu_traced_mask", lambda: check_mgpu_random_empty_rows(traced=True)),
     ("mgpu_l2p_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(l2_prefetch_steps=2))),
+    ("mgpu_residual_random_empty_rows", lambda: check_mgpu_random_empty_rows(residual=True)),
+    ("mgpu_np_residual_d64_fp16", lambda: check_mgpu_random_empty_rows(
+        d=64, dtype=jnp.float16, config=_NONPERSISTENT, residual=True)),
+    ("mgpu_gather", check_mgpu_gather),
+    ("mgpu_gather_d64_g1024", lambda: check_mgpu_gather(d=64, group_size=1024)),
+    ("mgpu_np_gather_fp16", lambda: check_mgpu_gather(dtype=jnp.float16,
+                                                      config=_NONPERSISTENT)),
     ("csla_tiles_s12", check_csla_tiles),
     ("csla_tiles_s10_d64", lambda: check_csla_tiles(10, d=64)),
     ("csla_block_s10", lambda: check_csla(10, exact=False)),
