@@ -134,19 +134,32 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
   if _concrete(indices, counts):
     validate_gather_lists(indices, counts, k.shape[1])
     full = full or bool((np.asarray(counts) == np.shape(indices)[-1]).all())
-  if backend != "triton":
+  if choose_backend(q, full, group_size, q_perm=q_perm, rule=rule, residual=residual,
+                    interpret=interpret, backend=backend) == "mosaic":
     from pallas_kernels import gather_mgpu
-    why = _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual)
-    if backend == "mosaic" and why:
-      raise NotImplementedError(f"the Mosaic gather path does not support {why}; use "
-                                "backend='triton'.")
-    if backend == "mosaic" or (not why and group_size >= gather_mgpu.AUTO_MIN_GROUP
-                               and _compat.on_hopper()):
-      return gather_mgpu.gather_attention_mgpu(q, k, v, indices, residual,
-                                               group_size=group_size, scale=scale)
+    return gather_mgpu.gather_attention_mgpu(q, k, v, indices, residual, group_size=group_size,
+                                             scale=scale)
   return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
                            q_perm=q_perm, rule=rule, scale=scale, config=config,
                            interpret=interpret)
+
+
+def choose_backend(q, full: bool, group_size: int, *, q_perm=None, rule=None, residual=None,
+                   interpret: bool = False, backend: str = "auto") -> str:
+  """The backend `gather_attention` runs: "mosaic" or "triton" (see its docstring). full:
+  every slot of every list is valid. Raises when "mosaic" is forced but cannot run."""
+  if backend == "triton":
+    return "triton"
+  from pallas_kernels import gather_mgpu
+  why = _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual)
+  if backend == "mosaic":
+    if why:
+      raise NotImplementedError(f"the Mosaic gather path does not support {why}; use "
+                                "backend='triton'.")
+    return "mosaic"
+  if not why and group_size >= gather_mgpu.AUTO_MIN_GROUP and _compat.on_hopper():
+    return "mosaic"
+  return "triton"
 
 
 def _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual) -> str | None:

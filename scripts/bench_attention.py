@@ -116,6 +116,8 @@ def jax_part(args):
     comes from the round's own cuDNN row."""
     if args.mgpu_only and not kw["impl"].startswith(("ours_mgpu", "jax_cudnn", "rows_copy")):
       return
+    if args.gather_only and not (kw["mask"].startswith("gather") or kw["mask"] == "dense"):
+      return
     pending.append((fn, xs, flops, kw))
 
   def run_round(warm_ms=15.0, window_ms=20.0):
@@ -538,6 +540,8 @@ def main():
                       "block_q,block_kv,warps,stages[;...] (the default tiles always run)")
   p.add_argument("--mgpu-only", action="store_true",
                  help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
+  p.add_argument("--gather-only", action="store_true",
+                 help="time only the dense baselines and the gather rows (Triton and Hopper)")
   p.add_argument("--reps", type=int, default=7, help="timing repeats per kernel (median)")
   p.add_argument("--l2-prefetch", default="",
                  help="extra Mosaic rows with MosaicConfig.l2_prefetch_steps=N, e.g. '2,3'")

@@ -594,6 +594,13 @@ def test_gather_backend_choice_and_refusals():
     gather_attention(q, k, v, idx, backend="cuda", **kw)
   with pytest.raises(NotImplementedError, match="interpret mode"):
     gather_attention(q, k, v, idx, backend="mosaic", **kw)
+  from pallas_kernels.gather import choose_backend
+  from pallas_kernels.gather_mgpu import AUTO_MIN_GROUP
+  big = jnp.zeros((1, AUTO_MIN_GROUP, 1, 128), jnp.bfloat16)
+  # Off Hopper "auto" is Triton even where the Mosaic path would apply; forced, it is Mosaic.
+  assert choose_backend(big, True, AUTO_MIN_GROUP) == "triton"
+  assert choose_backend(big, True, AUTO_MIN_GROUP, backend="mosaic") == "mosaic"
+  assert choose_backend(big, False, AUTO_MIN_GROUP, backend="triton") == "triton"
   # "auto" off Hopper (and in interpret mode) is the Triton kernel: same as "triton".
   a = gather_attention(q, k, v, idx, **kw)
   t = gather_attention(q, k, v, idx, backend="triton", **kw)

@@ -281,7 +281,13 @@ def check_mgpu_gather(d=128, dtype=jnp.bfloat16, group_size=256, config=MosaicCo
   out = _poisoned(f, q, k, v, res)
   ref = gather_attention_reference(q, k, v, idx, jnp.full((b, h, ng), budget, jnp.int32), res,
                                    group_size=group_size)
-  # backend="auto" takes this path for large enough groups; "mosaic" forces it.
+  # backend="auto" takes this path for groups >= AUTO_MIN_GROUP on an H100; "mosaic" forces it.
+  from pallas_kernels.gather import choose_backend
+  from pallas_kernels.gather_mgpu import AUTO_MIN_GROUP
+  auto = choose_backend(q, True, group_size, residual=res)
+  want = "mosaic" if group_size >= AUTO_MIN_GROUP else "triton"
+  assert auto == want, f"auto chose {auto} for group_size={group_size} on " \
+                       f"{jax.devices()[0].device_kind}"
   out2 = jax.jit(lambda q, k, v, r: gather_attention(q, k, v, idx, None, r,
                                                      group_size=group_size,
                                                      backend="mosaic"))(q, k, v, res)
@@ -348,6 +354,7 @@ CHECKS = [
         d=64, dtype=jnp.float16, config=_NONPERSISTENT, residual=True)),
     ("mgpu_gather", check_mgpu_gather),
     ("mgpu_gather_d64_g1024", lambda: check_mgpu_gather(d=64, group_size=1024)),
+    ("mgpu_gather_auto_g2048", lambda: check_mgpu_gather(group_size=2048)),
     ("mgpu_np_gather_fp16", lambda: check_mgpu_gather(dtype=jnp.float16,
                                                       config=_NONPERSISTENT)),
     ("csla_tiles_s12", check_csla_tiles),
