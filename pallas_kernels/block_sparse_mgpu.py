@@ -25,6 +25,11 @@ round-robin, 1.06-1.23x on CSLA's last scale and 1.16-1.37x on random 5-30% mask
 up to 1.09x more). The memory warpgroup reads each step's block index a step ahead.
 `MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
 
+An optional residual (CS4A's output cache, `residual=`) is added in the epilogue: each compute
+warpgroup starts a TMA of its 64 residual rows into its own buffer at the tile's first QK and
+adds them before the store, so the output is written once (the token-gather path in
+`gather_mgpu.py` uses it).
+
 Exact (token-level) masks stay on the Triton kernel in `block_sparse.py` (which walks them
 refined to 64x64 tiles): Hopper's wgmma register layout puts 32 key columns in each thread,
 so a per-key rule table costs ~4 integer ops per score on top of the softmax, roughly the
