@@ -148,7 +148,10 @@ def key_budget(fraction: float, kv_len: int, multiple_of: int = 64) -> int:
 
 @functools.partial(jax.jit, static_argnames=("budget",))
 def topk_key_indices(colsum_BHGK, budget: int):
-  """Top-`budget` keys per group: indices int32 [B, H, G, budget] (ascending), counts [B, H, G]."""
+  """Top-`budget` keys per group: indices int32 [B, H, G, budget] (ascending), counts [B, H, G].
+
+  The counts are always full (= budget). Under jit they are traced, so pass counts=None to
+  `gather_attention`: only lists known to be full can take its Hopper path."""
   lk = colsum_BHGK.shape[-1]
   if not 0 < budget <= lk:
     raise ValueError(f"budget={budget} must lie in [1, Lk={lk}].")
