@@ -96,6 +96,10 @@ class MosaicConfig:
   # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
   # dependent global loads otherwise waited on at every tile start).
   prefetch_tile_info: bool = True
+  # Persistent, concrete mask: each work-table entry's step count and cut-block flag are
+  # computed on the host into a table beside the work table, so a tile's info is two
+  # independent loads instead of a chain of three (work -> count -> last block index).
+  tile_info_table: bool = True
   # Persistent: a tile's output store is not waited for at its end; the next tile waits for
   # it (and frees that Q buffer) while its first QK runs.
   defer_store_wait: bool = True
@@ -211,6 +215,7 @@ class _Static:
   sel_h: bool
   return_lse: bool
   has_residual: bool
+  info_table: bool  # `tile_info_table` in effect (the host built the table)
   cfg: MosaicConfig  # the persistent-kernel and fetch switches are read from it
 
 
@@ -426,8 +431,8 @@ def _fetch(st: _Static, k_ref, v_ref, k_smem, v_smem, barriers, total, block_at,
   return lax.fori_loop(0, total, step, init)[0]
 
 
-def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref, out_ref, lse_ref,
-            scoped, *, st: _Static):
+def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, info_ref, res_ref,
+            out_ref, lse_ref, scoped, *, st: _Static):
   """One CTA per (128-query tile, head, batch)."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -464,8 +469,9 @@ def _kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref,
            block_at, total - total, bi, hi)
 
 
-def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref,
-                       out_ref, lse_ref, scoped, *, st: _Static, num_q_tiles, num_heads):
+def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, info_ref,
+                       res_ref, out_ref, lse_ref, scoped, *, st: _Static, num_q_tiles,
+                       num_heads):
   """One CTA per SM walking its row of the work table (`tile_schedule`); the K/V ring
   runs on across tiles, so the next tile's first blocks load while this one finishes (short
   lists stop paying a pipeline fill and drain each). Q is double-buffered; a tile's output
@@ -487,10 +493,15 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     return qi, lax.rem(rest, jnp.int32(num_heads)), lax.div(rest, jnp.int32(num_heads))
 
   def tile_info(i):
-    """(qi, hi, bi, steps, has_tail) of this CTA's tile i, clamped into its list: a chain of
-    dependent global loads (work -> count -> last index), so st.cfg.prefetch_tile_info issues it
-    one tile ahead and carries the values instead of waiting on it at every tile start."""
-    qi, hi, bi = coords(jnp.maximum(jnp.minimum(i, my_tiles - 1), 0))
+    """(qi, hi, bi, steps, has_tail) of this CTA's tile i, clamped into its list. From the
+    host's info table (2 * steps + has_tail per work entry) when there is one; else a chain
+    of dependent global loads (work -> count -> last index). st.cfg.prefetch_tile_info
+    issues it one tile ahead and carries the values."""
+    j = jnp.maximum(jnp.minimum(i, my_tiles - 1), 0)
+    qi, hi, bi = coords(j)
+    if st.info_table:
+      packed = info_ref[cta, j]
+      return qi, hi, bi, lax.div(packed, jnp.int32(2)), lax.rem(packed, jnp.int32(2))
     total, _, has_tail = _schedule(st, num_ref, idx_ref, qi, hi, bi)
     return qi, hi, bi, total, has_tail
 
@@ -684,6 +695,28 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   return work, np.array([len(x) for x in lists], np.int32)
 
 
+def tile_info_table(work, num, idx, *, num_q_tiles: int, num_heads: int, num_kv_blocks: int,
+                    cut: bool, dense: bool = False):
+  """Per work-table entry, 2 * steps + has_tail (numpy int32, work's shape): what the kernel
+  would otherwise read through work -> count -> last block index at every tile. num [Bm, Hm,
+  nQ] and idx [Bm, Hm, nQ, W] are the visit lists (`visit_lists`); dense: every tile walks
+  all num_kv_blocks. has_tail: the tile's last block is the one cut by kv_len (cut)."""
+  t = np.asarray(work, np.int64)
+  if dense:
+    total = np.full(t.shape, num_kv_blocks, np.int64)
+    tail = np.full(t.shape, int(cut), np.int64)
+  else:
+    qi = t % num_q_tiles
+    hi = (t // num_q_tiles) % num_heads
+    bi = t // (num_q_tiles * num_heads)
+    mb = bi if num.shape[0] > 1 else np.zeros_like(bi)
+    mh = hi if num.shape[1] > 1 else np.zeros_like(hi)
+    total = num[mb, mh, qi].astype(np.int64)
+    last = idx[mb, mh, qi, np.maximum(total - 1, 0)]
+    tail = (cut & (total > 0) & (last == num_kv_blocks - 1)).astype(np.int64)
+  return (2 * total + tail).astype(np.int32)
+
+
 def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 kv_len: int | None = None, scale: float | None = None,
                                 return_lse: bool = False, residual=None,
@@ -735,20 +768,28 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
     if isinstance(num, np.ndarray) and config.schedule == "list":
       costs = np.broadcast_to(num, (b, h, nq)).reshape(-1)
   work = nwork = np.zeros((1,), np.int32)
+  info, use_info = np.zeros((1, 1), np.int32), False
   if config.persistent:
     num_tiles = nq * h * b
     work, nwork = tile_schedule(num_tiles, min(num_tiles, config.num_ctas or _num_sms()), costs,
                                 sorted_tail=config.sorted_tail,
                                 tile_overhead_steps=config.tile_overhead_steps,
                                 rebalance=config.rebalance, tiles_per_head=nq)
+    use_info = (config.tile_info_table and isinstance(num, np.ndarray)
+                and isinstance(idx, np.ndarray))
+    if use_info:
+      info = tile_info_table(work, num, idx, num_q_tiles=nq, num_heads=h, num_kv_blocks=nk,
+                             cut=kv_len % config.block_kv != 0, dense=mask is None)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
-                    jnp.asarray(nwork), residual, kv_len=kv_len, scale=scale,
-                    return_lse=return_lse, config=config, dense=mask is None)
+                    jnp.asarray(nwork), jnp.asarray(info), residual, kv_len=kv_len,
+                    scale=scale, return_lse=return_lse, config=config, dense=mask is None,
+                    info_table=use_info)
 
 
-@functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config", "dense"))
-def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, return_lse,
-               config, dense):
+@functools.partial(jax.jit, static_argnames=("kv_len", "scale", "return_lse", "config", "dense",
+                                             "info_table"))
+def _mgpu_call(q, k, v, num, idx, work, nwork, info, residual=None, *, kv_len, scale,
+               return_lse, config, dense, info_table=False):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -764,7 +805,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, 
   st = _Static(dtype=dtype, block_q=bq, block_kv=bk, head_dim=d, ring=ring,
                qk_scale2=(d ** -0.5 if scale is None else scale) * LOG2E, kv_len=kv_len,
                num_kv_blocks=nk, dense=dense, sel_b=num.shape[0] > 1, sel_h=num.shape[1] > 1,
-               return_lse=return_lse, has_residual=residual is not None, cfg=config)
+               return_lse=return_lse, has_residual=residual is not None,
+               info_table=info_table, cfg=config)
   if config.persistent:
     kernel = functools.partial(_kernel_persistent, st=st, num_q_tiles=nq, num_heads=h)
     grid, names = (work.shape[0],), ("sm",)
@@ -776,7 +818,7 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, 
       grid, names = (h, nq, b), ("heads", "q_seq", "batch")
   q_bufs = 2 if config.persistent else 1
 
-  def entry(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, *rest):
+  def entry(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, info_ref, *rest):
     res_ref = rest[0] if st.has_residual else None
     out_ref, lse_ref = rest[-2:]
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -789,8 +831,8 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, 
         plgpu.SMEM((_COMPUTE_WGS, bq, d), dtype, transforms=tiles) if st.has_residual else None,
     ]
     pl.run_scoped(
-        lambda *sc: kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref, res_ref,
-                           out_ref, lse_ref, sc),
+        lambda *sc: kernel(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_ref,
+                           info_ref, res_ref, out_ref, lse_ref, sc),
         scratch,
         (plgpu.Barrier(num_barriers=ring), plgpu.Barrier(num_barriers=ring),
          plgpu.Barrier(num_barriers=q_bufs * _COMPUTE_WGS)),
@@ -807,7 +849,7 @@ def _mgpu_call(q, k, v, num, idx, work, nwork, residual=None, *, kv_len, scale, 
       entry, out_type=out_type, grid=grid, grid_names=names,
       num_threads=_COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
-  )(qp, kp, vp, num, idx, work, nwork,
+  )(qp, kp, vp, num, idx, work, nwork, info,
     *(() if residual is None else (_pad_axis(residual, 1, nq * tile_q),)))
   out = out[:, :lq]
   if return_lse:

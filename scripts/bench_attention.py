@@ -180,6 +180,7 @@ def jax_part(args):
       "ours_mgpu_noidx": MosaicConfig(prefetch_block_index=False),
       "ours_mgpu_rr": MosaicConfig(schedule="round_robin"),
       "ours_mgpu_nodefer": MosaicConfig(defer_store_wait=False),
+      "ours_mgpu_chain": MosaicConfig(tile_info_table=False),
       # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the
       # next tile's info or block index, the output store waited for at each tile's end.
       "ours_mgpu_prev": MosaicConfig(schedule="round_robin", pingpong_across_tiles=False,
@@ -191,7 +192,7 @@ def jax_part(args):
                    for name, n in zip(l2_names, args.l2_prefetch)})
   # --mgpu-only (A/B runs) keeps the current kernel, its schedule without or with any-swap
   # rebalancing and the --l2-prefetch variants.
-  masked_names = (["ours_mgpu", "ours_mgpu_rebal_off", "ours_mgpu_rebal_any"]
+  masked_names = (["ours_mgpu", "ours_mgpu_chain", "ours_mgpu_rebal_off", "ours_mgpu_rebal_any"]
                   + ([] if args.mgpu_only else ["ours_mgpu_noidx", "ours_mgpu_rr",
                                                 "ours_mgpu_prev"]) + l2_names)
   # dense: equal costs, list = round-robin

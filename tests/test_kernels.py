@@ -476,18 +476,20 @@ def test_list_schedule_with_equal_costs_is_round_robin():
     MosaicConfig(sorted_tail=1.5)
 
 
-@pytest.mark.parametrize("schedule,across,prefetch,defer,idx_ahead,l2", [
-    ("round_robin", False, False, False, False, 0),
-    ("list", True, True, True, True, 0),
-    ("list", True, False, False, True, 2),
-    ("list", True, True, True, False, 3)])
-def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer, idx_ahead, l2):
+@pytest.mark.parametrize("schedule,across,prefetch,defer,idx_ahead,l2,table", [
+    ("round_robin", False, False, False, False, 0, True),
+    ("list", True, True, True, True, 0, True),
+    ("list", True, True, True, True, 0, False),
+    ("list", True, False, False, True, 2, True),
+    ("list", True, True, True, False, 3, False)])
+def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer, idx_ahead, l2, table):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   types = (np.random.default_rng(2).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
   m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
   cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across,
                      prefetch_tile_info=prefetch, defer_store_wait=defer,
-                     prefetch_block_index=idx_ahead, l2_prefetch_steps=l2, num_ctas=4)
+                     prefetch_block_index=idx_ahead, l2_prefetch_steps=l2, num_ctas=4,
+                     tile_info_table=table)
   q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
   fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, config=cfg)
@@ -641,3 +643,34 @@ def test_mgpu_refuses_residual_it_cannot_hold():
     block_sparse_attention_mgpu(q, q, q, residual=q, return_lse=True)
   with pytest.raises(ValueError, match="residual must match"):
     block_sparse_attention_mgpu(q, q, q, residual=q.astype(jnp.float16))
+
+
+@pytest.mark.parametrize("bm,hm,kv_len", [(2, 3, 999), (1, 1, 1024), (1, 3, 1000)])
+def test_tile_info_table_matches_the_kernels_chain(bm, hm, kv_len):
+  """The host table holds, per work entry, what the kernel's load chain computes: the visit
+  list's length and whether its last block is the one kv_len cuts."""
+  from pallas_kernels.block_sparse_mgpu import tile_info_table, tile_schedule, visit_lists
+  rng = np.random.default_rng(kv_len + bm)
+  b, h, nq, nk = 2, 3, 5, -(-kv_len // 128)
+  types = (rng.random((bm, hm, nq, nk)) < 0.4).astype(np.int8) * 2
+  types[..., -1] = np.where(rng.random((bm, hm, nq)) < 0.5, 1, 0)
+  types[0, 0, 2] = 0  # an empty list
+  m = BlockMask.from_block_types(types, q_len=nq * 128, kv_len=kv_len, block_q=128,
+                                 block_kv=128)
+  num, idx = visit_lists(m)
+  work, nwork = tile_schedule(nq * h * b, 7, np.broadcast_to(num, (b, h, nq)).reshape(-1))
+  cut = kv_len % 128 != 0
+  info = tile_info_table(work, num, idx, num_q_tiles=nq, num_heads=h, num_kv_blocks=nk, cut=cut)
+  assert info.shape == work.shape and info.dtype == np.int32
+  for c in range(work.shape[0]):
+    for i in range(nwork[c]):
+      t = int(work[c, i])
+      qi, hi, bi = t % nq, (t // nq) % h, t // (nq * h)
+      mb, mh = (bi if bm > 1 else 0), (hi if hm > 1 else 0)
+      total = int(num[mb, mh, qi])
+      tail = int(cut and total > 0 and idx[mb, mh, qi, total - 1] == nk - 1)
+      assert int(info[c, i]) == 2 * total + tail, (c, i, t)
+  assert (info[:, 0] >= 0).all()
+  dense = tile_info_table(work, num, idx, num_q_tiles=nq, num_heads=h, num_kv_blocks=nk,
+                          cut=cut, dense=True)
+  assert (dense == 2 * nk + int(cut)).all()

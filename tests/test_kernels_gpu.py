@@ -347,6 +347,8 @@ CHECKS = [
     ("mgpu_rr_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(schedule="round_robin"))),
     ("mgpu_traced_mask", lambda: check_mgpu_random_empty_rows(traced=True)),
+    ("mgpu_chain_random_empty_rows", lambda: check_mgpu_random_empty_rows(
+        config=MosaicConfig(tile_info_table=False))),
     ("mgpu_l2p_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(l2_prefetch_steps=2))),
     ("mgpu_residual_random_empty_rows", lambda: check_mgpu_random_empty_rows(residual=True)),
