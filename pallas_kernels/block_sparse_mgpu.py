@@ -96,8 +96,8 @@ class MosaicConfig:
   # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
   # dependent global loads otherwise waited on at every tile start).
   prefetch_tile_info: bool = True
-  # Persistent, concrete mask: each work-table entry's step count and cut-block flag are
-  # computed on the host into a table beside the work table, so a tile's info is two
+  # Persistent, concrete sparse mask: each work-table entry's step count and cut-block flag
+  # are computed on the host into a table beside the work table, so a tile's info is two
   # independent loads instead of a chain of three (work -> count -> last block index).
   # H100, 16 heads, scale 12 (S5-5, one call): random 5/10% 1.3/2.6% faster, CSLA and
   # random 20/30% within +-1% — small; kept since it removes a latency chain per tile.
@@ -698,24 +698,21 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
 
 
 def tile_info_table(work, num, idx, *, num_q_tiles: int, num_heads: int, num_kv_blocks: int,
-                    cut: bool, dense: bool = False):
+                    cut: bool):
   """Per work-table entry, 2 * steps + has_tail (numpy int32, work's shape): what the kernel
   would otherwise read through work -> count -> last block index at every tile. num [Bm, Hm,
-  nQ] and idx [Bm, Hm, nQ, W] are the visit lists (`visit_lists`); dense: every tile walks
-  all num_kv_blocks. has_tail: the tile's last block is the one cut by kv_len (cut)."""
+  nQ] and idx [Bm, Hm, nQ, W] are the visit lists (`visit_lists`); has_tail: the tile's last
+  block is the one cut by kv_len (cut). (Dense attention has no chain: its count is one
+  load and its cut block always the last.)"""
   t = np.asarray(work, np.int64)
-  if dense:
-    total = np.full(t.shape, num_kv_blocks, np.int64)
-    tail = np.full(t.shape, int(cut), np.int64)
-  else:
-    qi = t % num_q_tiles
-    hi = (t // num_q_tiles) % num_heads
-    bi = t // (num_q_tiles * num_heads)
-    mb = bi if num.shape[0] > 1 else np.zeros_like(bi)
-    mh = hi if num.shape[1] > 1 else np.zeros_like(hi)
-    total = num[mb, mh, qi].astype(np.int64)
-    last = idx[mb, mh, qi, np.maximum(total - 1, 0)]
-    tail = (cut & (total > 0) & (last == num_kv_blocks - 1)).astype(np.int64)
+  qi = t % num_q_tiles
+  hi = (t // num_q_tiles) % num_heads
+  bi = t // (num_q_tiles * num_heads)
+  mb = bi if num.shape[0] > 1 else np.zeros_like(bi)
+  mh = hi if num.shape[1] > 1 else np.zeros_like(hi)
+  total = num[mb, mh, qi].astype(np.int64)
+  last = idx[mb, mh, qi, np.maximum(total - 1, 0)]
+  tail = (cut & (total > 0) & (last == num_kv_blocks - 1)).astype(np.int64)
   return (2 * total + tail).astype(np.int32)
 
 
@@ -777,11 +774,11 @@ def block_sparse_attention_mgpu(q, k, v, mask: BlockMask | None = None, *,
                                 sorted_tail=config.sorted_tail,
                                 tile_overhead_steps=config.tile_overhead_steps,
                                 rebalance=config.rebalance, tiles_per_head=nq)
-    use_info = (config.tile_info_table and isinstance(num, np.ndarray)
+    use_info = (config.tile_info_table and mask is not None and isinstance(num, np.ndarray)
                 and isinstance(idx, np.ndarray))
     if use_info:
       info = tile_info_table(work, num, idx, num_q_tiles=nq, num_heads=h, num_kv_blocks=nk,
-                             cut=kv_len % config.block_kv != 0, dense=mask is None)
+                             cut=kv_len % config.block_kv != 0)
   return _mgpu_call(q, k, v, jnp.asarray(num), jnp.asarray(idx), jnp.asarray(work),
                     jnp.asarray(nwork), jnp.asarray(info), residual, kv_len=kv_len,
                     scale=scale, return_lse=return_lse, config=config, dense=mask is None,

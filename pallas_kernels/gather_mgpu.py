@@ -127,8 +127,8 @@ def gather_attention_mgpu(q, k, v, indices, residual=None, *, group_size: int,
   normalised output. group_size must be a multiple of 128 (the kernel's query tile).
   attention, interpret: CPU tests pass the Mosaic kernel's reference (same signature) and run
   the row copy in interpret mode, so everything but the Mosaic kernel runs on CPU; the
-  reference of the whole is `gather.gather_attention_reference`. Extra memory: the copy, 2 x B x G x S' x H x D
-  elements with S' = S rounded up to 128.
+  reference of the whole is `gather.gather_attention_reference`. Extra memory: the copy,
+  2 x B x G x S' x H x D elements with S' = S rounded up to 128.
   """
   b, lq, h, d = q.shape
   ng = -(-lq // group_size)
