@@ -64,8 +64,8 @@ def _rows_kernel(idx_ref, k_ref, v_ref, kg_ref, vg_ref, *, kv_len):
   vg_ref[...] = v_ref[ids, :]
 
 
-@functools.partial(jax.jit, static_argnames=("batch", "config", "interpret"))
-def gather_kv_rows(k, v, indices, *, batch: int, config: RowGatherConfig = RowGatherConfig(),
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def gather_kv_rows(k, v, indices, *, config: RowGatherConfig = RowGatherConfig(),
                    interpret: bool = False):
   """kg[b * G + g, s, h] = k[b, indices[b, h, g, s], h] (same for v).
 
@@ -75,8 +75,8 @@ def gather_kv_rows(k, v, indices, *, batch: int, config: RowGatherConfig = RowGa
   Mosaic kernel streams.
   """
   b, lk, h, d = k.shape
-  if b != batch:
-    raise ValueError(f"k has batch {b}, expected {batch}.")
+  if v.shape != k.shape or v.dtype != k.dtype:
+    raise ValueError(f"k and v must match; got {k.shape} {k.dtype} and {v.shape} {v.dtype}.")
   bm, hm, ng, slots = indices.shape
   if bm not in (1, b) or hm not in (1, h) or slots % config.rows:
     raise ValueError(f"indices must be [Bm, Hm, G, S] with Bm in (1, {b}), Hm in (1, {h}) and "
@@ -98,7 +98,7 @@ def gather_kv_rows(k, v, indices, *, batch: int, config: RowGatherConfig = RowGa
         interpret=interpret, name="gather_kv_rows")(jnp.asarray(indices, jnp.int32), k, v)
 
 
-def gather_kv_rows_reference(k, v, indices, *, batch: int):
+def gather_kv_rows_reference(k, v, indices):
   """Pure-JAX reference of `gather_kv_rows`."""
   b, lk, h, d = k.shape
   bm, hm, ng, slots = indices.shape
@@ -141,7 +141,7 @@ def gather_attention_mgpu(q, k, v, indices, residual=None, *, group_size: int,
   slots = indices.shape[-1]
   s_pad = -(-slots // _SLOT_ALIGN) * _SLOT_ALIGN
   idx = _pad_axis(jnp.asarray(indices, jnp.int32), 3, s_pad)
-  kg, vg = gather_kv_rows(k, v, idx, batch=b, config=rows_config, interpret=interpret)
+  kg, vg = gather_kv_rows(k, v, idx, config=rows_config, interpret=interpret)
   qg = _split_groups(q, ng, group_size)
   rg = None if residual is None else _split_groups(residual, ng, group_size)
   if attention is None:

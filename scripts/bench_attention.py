@@ -343,7 +343,7 @@ def jax_part(args):
                       config="rows copy + Mosaic")
             s_pad = -(-budget // 128) * 128
             idx_pad = jnp.pad(idx2, ((0, 0), (0, 0), (0, 0), (0, s_pad - budget)))
-            f = jax.jit(lambda k, v, idx_pad=idx_pad: gather_kv_rows(k, v, idx_pad, batch=B))
+            f = jax.jit(lambda k, v, idx_pad=idx_pad: gather_kv_rows(k, v, idx_pad))
             timed_row(f, (k, v), 0.0, heads=heads, scale=scale, impl="rows_copy",
                       mask=f"gather20_g{g2}", frac=frac,
                       config=f"{2 * 2 * B * ng2 * s_pad * heads * k.shape[-1] * 2 / 1e6:.0f} MB moved")

@@ -556,11 +556,15 @@ def test_gather_kv_rows_matches_reference(bm, hm, rows):
   k = jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32)
   v = jnp.asarray(rng.standard_normal((b, lk, h, d)), jnp.float32)
   idx = jnp.asarray(rng.integers(-5, lk + 5, (bm, hm, ng, slots)), jnp.int32)  # clamped
-  kg, vg = gather_kv_rows(k, v, idx, batch=b, config=RowGatherConfig(rows), interpret=True)
-  rk, rv = gather_kv_rows_reference(k, v, idx, batch=b)
+  kg, vg = gather_kv_rows(k, v, idx, config=RowGatherConfig(rows), interpret=True)
+  rk, rv = gather_kv_rows_reference(k, v, idx)
   assert kg.shape == (b * ng, slots, h, d)
   np.testing.assert_array_equal(np.asarray(kg), np.asarray(rk))
   np.testing.assert_array_equal(np.asarray(vg), np.asarray(rv))
+  with pytest.raises(ValueError, match="multiple of"):
+    gather_kv_rows(k, v, idx[..., :60], config=RowGatherConfig(rows), interpret=True)
+  with pytest.raises(ValueError, match="must match"):
+    gather_kv_rows(k, v[:, :70], idx, config=RowGatherConfig(rows), interpret=True)
   # Spot-check the layout by hand: (batch 1, group 2, slot 5, head 2).
   i = int(np.clip(np.asarray(idx)[bm - 1, hm - 1, 2, 5], 0, lk - 1))
   np.testing.assert_array_equal(np.asarray(kg)[1 * ng + 2, 5, 2], np.asarray(k)[1, i, 2])
