@@ -1,12 +1,16 @@
 """Attention benchmark on one GPU: our Pallas kernels vs cuDNN dense and PyTorch FlexAttention.
 
 Ours: the Mosaic GPU (Hopper) kernel, persistent and not ("ours_mgpu*" rows: dense, CSLA
-block-granular, random masks) and the Triton-lowered kernels ("ours_pallas": dense,
-block-granular and exact masks, 2D-tile CSLA, gather, column sums).
+block-granular, random masks, and the Hopper gather path — rows copied per group, then the
+kernel — with "rows_copy" timing the copy alone) and the Triton-lowered kernels
+("ours_pallas": dense, block-granular and exact masks, 2D-tile CSLA, gather, column sums).
 
 Usage (on the H100):  python scripts/bench_attention.py --out /tmp/bench
 Kernel-variant A/B (jax cuDNN + Mosaic rows only, more repeats):
   python scripts/bench_attention.py --out /tmp/ab --part jax --mgpu-only --reps 11 --l2-prefetch 2
+Gather only (Triton vs the Hopper path by query-group size):
+  python scripts/bench_attention.py --out /tmp/g --scales 12 --no-tune --gather-only \
+      --gather-groups 1024,2048
 It runs the JAX part in this process and the PyTorch part in a subprocess (same card, same
 run; separate allocators), then prints one table and writes bench.json.
 
@@ -14,9 +18,8 @@ Shapes: Infinity 1024x1024 schedule, batch 2 (CFG), head dim 128, bf16, 16 heads
 28 heads (8B); query scales 10, 11, 12 against all earlier keys (KV-cache layout). Masks:
 SparVAR's CSLA defaults (block-granular and exact, 128x128 blocks as the paper; plus 64x64
 blocks for ours), random per-head 128x128 block masks at 5/10/20/30% (scale 12), token
-gather at 20% of keys (scales 11, 12; groups of 192 queries, plus --gather-groups with
---gather-tiles), dense + column sums at the
-decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
+gather at 20% of keys (the last two scales; groups of 192 queries, plus --gather-groups with
+--gather-tiles and the Hopper path), dense + column sums at the decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
 (the model's KV cache layout); cuDNN and Flex get the exact length.
 Times: JAX = median over 7 repeats of the mean of back-to-back calls (host clock,
 synchronised); torch = median of 3 triton.testing.do_bench medians (its own warm-up).
