@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels import _compat
-from pallas_kernels.block_sparse import _pad_axis
+from pallas_kernels.block_sparse import _check_qkv, _pad_axis
 from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
 
 # Groups of fewer queries re-read their copy too few times to pay for it. H100, scale 12, 20%
@@ -131,6 +131,9 @@ def gather_attention_mgpu(q, k, v, indices, residual=None, *, group_size: int,
   2 x B x G x S' x H x D elements with S' = S rounded up to 128.
   """
   b, lq, h, d = q.shape
+  _check_qkv(q, k, v, k.shape[1])
+  if residual is not None and residual.shape != q.shape:
+    raise ValueError(f"residual must have q's shape {q.shape}; got {residual.shape}.")
   ng = -(-lq // group_size)
   if indices.ndim != 4 or indices.shape[2] != ng:
     raise ValueError(f"indices must be [Bm, Hm, G={ng}, S] (Lq={lq}, group_size={group_size}); "

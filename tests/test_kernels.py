@@ -589,6 +589,14 @@ def test_gather_attention_mgpu_plumbing_matches_reference(lq, slots, with_res, b
                                    group_size=g, scale=0.2)
   assert out.shape == q.shape
   assert _rel(out, ref) < 1e-5
+  kw = dict(group_size=g, attention=block_sparse_attention_mgpu_reference, interpret=True)
+  with pytest.raises(ValueError, match="residual must have"):
+    gather_attention_mgpu(q, k, v, jnp.asarray(idx), q[:, :-1], **kw)
+  with pytest.raises(ValueError, match="must agree"):
+    gather_attention_mgpu(q, k[..., :8], v[..., :8], jnp.asarray(idx), **kw)
+  with pytest.raises(ValueError, match="multiple of 128"):
+    gather_attention_mgpu(q, k, v, jnp.asarray(idx)[:, :, :2], group_size=192,
+                          interpret=True)
 
 
 def test_gather_backend_choice_and_refusals():
