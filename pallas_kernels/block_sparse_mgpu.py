@@ -93,6 +93,11 @@ class MosaicConfig:
   # Persistent: the two compute warpgroups' ping-pong offset opens once per CTA and runs on
   # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
   pingpong_across_tiles: bool = True
+  # Persistent, ping-pong across tiles: a warpgroup arrives on the schedule barrier for the
+  # next tile's first QK as soon as its tile's last PV is done — before its epilogue (normalise,
+  # store) — and only waits there after issuing that QK. The other warpgroup, held at that
+  # barrier, then runs its last PV under this one's epilogue instead of after it.
+  early_schedule_arrive: bool = False
   # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
   # dependent global loads otherwise waited on at every tile start).
   prefetch_tile_info: bool = True
@@ -132,6 +137,11 @@ class MosaicConfig:
       raise ValueError(f"tile_overhead_steps={self.tile_overhead_steps} must be >= 0.")
     if not 0 <= self.l2_prefetch_steps <= 8:
       raise ValueError(f"l2_prefetch_steps={self.l2_prefetch_steps} must be in [0, 8].")
+    if self.early_schedule_arrive and not (self.persistent and self.pingpong_across_tiles
+                                           and self.prefetch_tile_info):
+      raise ValueError("early_schedule_arrive needs persistent=True, pingpong_across_tiles=True "
+                       "and prefetch_tile_info=True (it arrives for the next tile, whose step "
+                       "count the prefetched info holds).")
     if self.num_ctas is not None and self.num_ctas < 1:
       raise ValueError(f"num_ctas={self.num_ctas} must be >= 1 (or None: one per SM).")
 
@@ -255,12 +265,14 @@ def _schedule_barrier(schedule):
 
 
 def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, wg, edges=True,
-            first_step_hook=None):
+            first_step_hook=None, step0_arrived=False):
   """One compute warpgroup's 64 query rows over `total` streamed K/V steps; the ring slot of
   step s is (g0 + s) % ring. Returns the unnormalised (acc, m, l). edges=False leaves the
   ping-pong's opening and closing half-phase to the caller (persistent: once per CTA, so the
   phase runs on across tiles instead of draining at each). first_step_hook runs once, while
-  the first QK is on the tensor cores (or at the end when there is no step)."""
+  the first QK is on the tensor cores (or at the end when there is no step). step0_arrived:
+  the caller already arrived on the schedule barrier for step 0's first rendezvous
+  (`MosaicConfig.early_schedule_arrive`), so step 0 only waits there."""
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -291,7 +303,13 @@ def _attend(st: _Static, q_smem, k_smem, v_smem, barriers, total, has_tail, g0, 
 
     def qk_scope(s_ref):
       plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-      schedule_barrier()
+      if step0_arrived:
+        @pl.when(step != 0)
+        def _():
+          plgpu.barrier_arrive(schedule)
+        plgpu.barrier_wait(schedule)
+      else:
+        schedule_barrier()
       if first_step_hook is not None:
         pl.when(step == 0)(first_step_hook)
       return s_ref[...]
@@ -508,14 +526,15 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
     return qi, hi, bi, total, has_tail
 
   def walk(body):
-    """fori_loop over this CTA's tiles; body(i, g0, info) -> steps, info = tile_info(i)."""
+    """fori_loop over this CTA's tiles; body(i, g0, info, nxt) -> steps, info = tile_info(i),
+    nxt = tile_info(i + 1) (clamped; None without st.cfg.prefetch_tile_info)."""
     def step(i, carry):
       g0, cur = carry[0], carry[1:]
       if st.cfg.prefetch_tile_info:
         nxt = tile_info(i + 1)
       else:
         cur = nxt = tile_info(i)
-      return (g0 + body(i, g0, cur), *nxt)
+      return (g0 + body(i, g0, cur, nxt if st.cfg.prefetch_tile_info else None), *nxt)
 
     zero = cta - cta  # a traced zero (see _kernel)
     lax.fori_loop(0, my_tiles, step, (zero, *tile_info(zero)))
@@ -524,10 +543,17 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
   def _compute():
     plgpu.set_max_registers(232, action="increase")
 
-    def tile(i, g0, info):
+    early = st.cfg.early_schedule_arrive
+
+    def tile(i, g0, info, nxt):
       qi, hi, bi, total, has_tail = info
       buf = lax.rem(i, jnp.int32(2))
       q_smem = q_smem4.at[buf, wg]
+      if early:
+        # The arrival for this tile's first QK; later tiles' came at the previous tile's end.
+        @pl.when((i == 0) & (total > 0))
+        def _():
+          plgpu.barrier_arrive(schedule)
       plgpu.barrier_wait(q_ready.at[buf * 2 + wg])
       q_base = qi * tile_q + wg * st.block_q
       res = (res_smem2.at[wg], res_ready.at[wg]) if st.has_residual else None
@@ -548,7 +574,13 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
           h()
       carry = _attend(st, q_smem, k_smem, v_smem, (k_ready, v_ready, k_free, v_free, schedule),
                       total, has_tail, g0, wg, edges=not st.cfg.pingpong_across_tiles,
-                      first_step_hook=hook if hooks else None)
+                      first_step_hook=hook if hooks else None, step0_arrived=early)
+      if early:
+        # Release the other warpgroup (held at its last rendezvous) before the epilogue; an
+        # empty next tile has no first QK, so its arrival waits for the tile after it.
+        @pl.when((i + 1 < my_tiles) & (nxt[3] > 0))
+        def _():
+          plgpu.barrier_arrive(schedule)
       lse_smem = lse_smem4.at[buf, wg] if st.return_lse else None
       _store(st, carry, q_smem, lse_smem, out_ref, lse_ref, bi, hi, q_base, res)
       if not st.cfg.defer_store_wait:
@@ -571,7 +603,8 @@ def _kernel_persistent(q_ref, k_ref, v_ref, num_ref, idx_ref, work_ref, nwork_re
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    def tile(i, g0, info):
+    def tile(i, g0, info, nxt):
+      del nxt
       qi, hi, bi, total, _ = info
       block_at = _block_at(st, idx_ref, qi, hi, bi)
       # Step 0's block index is loaded before the Q buffers' waits, so it is there by the

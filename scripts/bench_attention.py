@@ -184,6 +184,7 @@ def jax_part(args):
       "ours_mgpu_rr": MosaicConfig(schedule="round_robin"),
       "ours_mgpu_nodefer": MosaicConfig(defer_store_wait=False),
       "ours_mgpu_chain": MosaicConfig(tile_info_table=False),
+      "ours_mgpu_early": MosaicConfig(early_schedule_arrive=True),
       # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the
       # next tile's info or block index, the output store waited for at each tile's end.
       "ours_mgpu_prev": MosaicConfig(schedule="round_robin", pingpong_across_tiles=False,
@@ -195,9 +196,15 @@ def jax_part(args):
                    for name, n in zip(l2_names, args.l2_prefetch)})
   # --mgpu-only (A/B runs) keeps the current kernel, its schedule without or with any-swap
   # rebalancing and the --l2-prefetch variants.
-  masked_names = (["ours_mgpu", "ours_mgpu_chain", "ours_mgpu_rebal_off", "ours_mgpu_rebal_any"]
+  masked_names = (["ours_mgpu", "ours_mgpu_early", "ours_mgpu_chain", "ours_mgpu_rebal_off",
+                   "ours_mgpu_rebal_any"]
                   + ([] if args.mgpu_only else ["ours_mgpu_noidx", "ours_mgpu_rr",
                                                 "ours_mgpu_prev"]) + l2_names)
+  if args.variants:  # an explicit A/B list
+    unknown = sorted(set(args.variants) - set(variants))
+    if unknown:
+      raise SystemExit(f"--variants: unknown {unknown}; choose from {sorted(variants)}")
+    masked_names = list(args.variants)
   # dense: equal costs, list = round-robin
   dense_names = ["ours_mgpu"] + ([] if args.mgpu_only else ["ours_mgpu_nodefer",
                                                             "ours_mgpu_prev"])
@@ -544,6 +551,9 @@ def main():
                       "block_q,block_kv,warps,stages[;...] (the default tiles always run)")
   p.add_argument("--mgpu-only", action="store_true",
                  help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
+  p.add_argument("--variants", default="",
+                 help="Mosaic rows to time on the masks, e.g. 'ours_mgpu,ours_mgpu_early' "
+                 "(default: the current kernel and its A/B variants)")
   p.add_argument("--gather-only", action="store_true",
                  help="time only the dense baselines and the gather rows (Triton and Hopper)")
   p.add_argument("--reps", type=int, default=7, help="timing repeats per kernel (median)")
@@ -555,6 +565,7 @@ def main():
   args.scales = [int(s) for s in args.scales.split(",")]
   args.gather_groups = [int(g) for g in args.gather_groups.split(",") if g]
   args.l2_prefetch = [int(n) for n in args.l2_prefetch.split(",") if n]
+  args.variants = [v for v in args.variants.split(",") if v]
   args.sched_sweep = [tuple(float(x) for x in t.split(",")) for t in args.sched_sweep.split(";")
                       if t]
   sys.path.insert(0, os.path.dirname(HERE))

@@ -379,8 +379,9 @@ def _array_literals_captured_by_loops(jaxpr, path=""):
 
 
 @pytest.mark.parametrize("persistent", [False, True])
-@pytest.mark.parametrize("masked,l2", [(False, 0), (True, 0), (True, 2)])
-def test_mgpu_kernel_loops_capture_no_array_constants(persistent, masked, l2):
+@pytest.mark.parametrize("masked,l2,early", [(False, 0, False), (True, 0, False), (True, 2, False),
+                                             (True, 0, True)])
+def test_mgpu_kernel_loops_capture_no_array_constants(persistent, masked, l2, early):
   """jax 0.11.2's Mosaic GPU lowering rejects a jnp constant captured by a loop body ("Shaped
   arrays must be represented by ir.Values, got: 2"); 0.10.2 lowers it, so the CPU lowering
   test alone cannot see it. Constants must be made inside the loop bodies."""
@@ -391,7 +392,8 @@ def test_mgpu_kernel_loops_capture_no_array_constants(persistent, masked, l2):
     m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
   q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
-  cfg = MosaicConfig(persistent=persistent, l2_prefetch_steps=l2)
+  cfg = MosaicConfig(persistent=persistent, l2_prefetch_steps=l2,
+                     early_schedule_arrive=early and persistent)
   jaxpr = jax.make_jaxpr(lambda q, k, v: block_sparse_attention_mgpu(
       q, k, v, m, kv_len=None if m else 999, config=cfg))(q, k, k)
   assert _array_literals_captured_by_loops(jaxpr.jaxpr) == []
@@ -474,22 +476,27 @@ def test_list_schedule_with_equal_costs_is_round_robin():
     MosaicConfig(schedule="lpt")
   with pytest.raises(ValueError, match="sorted_tail"):
     MosaicConfig(sorted_tail=1.5)
+  with pytest.raises(ValueError, match="early_schedule_arrive"):
+    MosaicConfig(early_schedule_arrive=True, pingpong_across_tiles=False)
 
 
-@pytest.mark.parametrize("schedule,across,prefetch,defer,idx_ahead,l2,table", [
-    ("round_robin", False, False, False, False, 0, True),
-    ("list", True, True, True, True, 0, True),
-    ("list", True, True, True, True, 0, False),
-    ("list", True, False, False, True, 2, True),
-    ("list", True, True, True, False, 3, False)])
-def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer, idx_ahead, l2, table):
+@pytest.mark.parametrize("schedule,across,prefetch,defer,idx_ahead,l2,table,early", [
+    ("round_robin", False, False, False, False, 0, True, False),
+    ("list", True, True, True, True, 0, True, False),
+    ("list", True, True, True, True, 0, False, False),
+    ("list", True, False, False, True, 2, True, False),
+    ("list", True, True, True, False, 3, False, False),
+    ("list", True, True, True, True, 0, True, True),
+    ("round_robin", True, True, False, True, 0, False, True)])
+def test_mgpu_persistent_variants_lower(schedule, across, prefetch, defer, idx_ahead, l2, table,
+                                        early):
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   types = (np.random.default_rng(2).random((1, 3, 3, 8)) < 0.4).astype(np.int8) * 2
   m = BlockMask.from_block_types(types, q_len=300, kv_len=999, block_q=128, block_kv=128)
   cfg = MosaicConfig(schedule=schedule, pingpong_across_tiles=across,
                      prefetch_tile_info=prefetch, defer_store_wait=defer,
                      prefetch_block_index=idx_ahead, l2_prefetch_steps=l2, num_ctas=4,
-                     tile_info_table=table)
+                     tile_info_table=table, early_schedule_arrive=early)
   q = jax.ShapeDtypeStruct((2, 300, 3, 128), jnp.bfloat16)
   k = jax.ShapeDtypeStruct((2, 1000, 3, 128), jnp.bfloat16)
   fn = lambda q, k, v: block_sparse_attention_mgpu(q, k, v, m, config=cfg)
