@@ -94,10 +94,10 @@ class MosaicConfig:
   # across tiles (False: opened and drained at every tile, as the one-tile kernel does).
   pingpong_across_tiles: bool = True
   # Persistent, ping-pong across tiles, tile info read ahead (else ignored): a warpgroup
-  # arrives on the schedule barrier for the
-  # next tile's first QK as soon as its tile's last PV is done — before its epilogue (normalise,
-  # store) — and only waits there after issuing that QK. The other warpgroup, held at that
-  # barrier, then runs its last PV under this one's epilogue instead of after it. H100, scale
+  # arrives on the schedule barrier for the next tile's first QK as soon as its tile's last PV
+  # is done — before its epilogue (normalise, store) — and only waits there after issuing
+  # that QK. The other warpgroup, held at that barrier, then runs its last PV under this
+  # one's epilogue instead of after it. H100, scale
   # 12, same call (S5-7): random 5-30% 1.2-7.2% faster (16 h random 5%: 74.9 -> 77.5% of our
   # dense), CSLA 1.6-2.0%.
   early_schedule_arrive: bool = True

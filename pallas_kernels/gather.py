@@ -22,7 +22,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, block_sparse_mgpu, gather_mgpu
 from pallas_kernels.block_mask import TokenBoxRule
 from pallas_kernels.block_sparse import (LOG2E, _M_INIT, _check_qkv, _check_triton_tiles,
                                          _concrete, _is_pow2, _online_softmax_step, _pad_axis)
@@ -136,7 +136,6 @@ def gather_attention(q, k, v, indices, counts=None, residual=None, *, group_size
     full = full or bool((np.asarray(counts) == np.shape(indices)[-1]).all())
   if choose_backend(q, full, group_size, q_perm=q_perm, rule=rule, residual=residual,
                     interpret=interpret, backend=backend) == "mosaic":
-    from pallas_kernels import gather_mgpu
     return gather_mgpu.gather_attention_mgpu(q, k, v, indices, residual, group_size=group_size,
                                              scale=scale)
   return _gather_attention(q, k, v, indices, counts, residual, group_size=group_size,
@@ -150,7 +149,6 @@ def choose_backend(q, full: bool, group_size: int, *, q_perm=None, rule=None, re
   every slot of every list is valid. Raises when "mosaic" is forced but cannot run."""
   if backend == "triton":
     return "triton"
-  from pallas_kernels import gather_mgpu
   why = _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual)
   if backend == "mosaic":
     if why:
@@ -164,7 +162,6 @@ def choose_backend(q, full: bool, group_size: int, *, q_perm=None, rule=None, re
 
 def _mosaic_unsupported(q, full, group_size, q_perm, rule, interpret, residual) -> str | None:
   """None when gather_mgpu's Hopper path can run this call, else why not."""
-  from pallas_kernels import block_sparse_mgpu
   if interpret:
     return "interpret mode"
   if q_perm is not None or rule is not None:

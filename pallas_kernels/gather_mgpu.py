@@ -109,6 +109,14 @@ def gather_kv_rows_reference(k, v, indices):
   return tuple(x[bi, idx_BGSH, hi].reshape(b * ng, slots, h, d) for x in (k, v))
 
 
+def pad_slots(indices):
+  """indices [Bm, Hm, G, S] int32 with the slot axis padded (with 0) to a multiple of the
+  Mosaic kernel's key block: the copy's layout, which the kernel then reads without a pad
+  (kv_len=S masks the padding rows)."""
+  slots = indices.shape[-1]
+  return _pad_axis(jnp.asarray(indices, jnp.int32), 3, -(-slots // _SLOT_ALIGN) * _SLOT_ALIGN)
+
+
 def _split_groups(x, ng: int, group_size: int):
   b, lq, h, d = x.shape
   return _pad_axis(x, 1, ng * group_size).reshape(b * ng, group_size, h, d)
@@ -142,9 +150,7 @@ def gather_attention_mgpu(q, k, v, indices, residual=None, *, group_size: int,
     raise ValueError(f"group_size={group_size} must be a multiple of 128 (the Mosaic kernel's "
                      "query tile); use backend='triton'.")
   slots = indices.shape[-1]
-  s_pad = -(-slots // _SLOT_ALIGN) * _SLOT_ALIGN
-  idx = _pad_axis(jnp.asarray(indices, jnp.int32), 3, s_pad)
-  kg, vg = gather_kv_rows(k, v, idx, config=rows_config, interpret=interpret)
+  kg, vg = gather_kv_rows(k, v, pad_slots(indices), config=rows_config, interpret=interpret)
   qg = _split_groups(q, ng, group_size)
   rg = None if residual is None else _split_groups(residual, ng, group_size)
   if attention is None:
