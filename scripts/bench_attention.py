@@ -19,8 +19,9 @@ Shapes: Infinity 1024x1024 schedule, batch 2 (CFG), head dim 128, bf16, 16 heads
 SparVAR's CSLA defaults (block-granular and exact, 128x128 blocks as the paper; plus 64x64
 blocks for ours), random per-head 128x128 block masks at 5/10/20/30% (scale 12), token
 gather at 20% of keys (the last two scales; groups of 192 queries, plus --gather-groups with
---gather-tiles and the Hopper path), dense + column sums at the decision scale 10. Our kernels read K/V from a buffer padded to a multiple of 128 keys
-(the model's KV cache layout); cuDNN and Flex get the exact length.
+--gather-tiles and the Hopper path), dense + column sums at the decision scale 10. Our
+kernels read K/V from a buffer padded to a multiple of 128 keys (the model's KV cache
+layout); cuDNN and Flex get the exact length.
 Times: JAX = median over 7 repeats of the mean of back-to-back calls (host clock,
 synchronised); torch = median of 3 triton.testing.do_bench medians (its own warm-up).
 Within each part, all kernels of one shape are timed round-robin (repeat r times every kernel once); each slot
@@ -76,7 +77,7 @@ def jax_part(args):
                               block_sparse_attention, dense_attention, dense_colsum_attention,
                               gather_attention, key_budget)
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
-  from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows
+  from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows, pad_slots
   from sparvar_jax.sparse import csla
 
   R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
@@ -184,7 +185,7 @@ def jax_part(args):
       "ours_mgpu_rr": MosaicConfig(schedule="round_robin"),
       "ours_mgpu_nodefer": MosaicConfig(defer_store_wait=False),
       "ours_mgpu_chain": MosaicConfig(tile_info_table=False),
-      "ours_mgpu_early": MosaicConfig(early_schedule_arrive=True),
+      "ours_mgpu_late": MosaicConfig(early_schedule_arrive=False),
       # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the
       # next tile's info or block index, the output store waited for at each tile's end.
       "ours_mgpu_prev": MosaicConfig(schedule="round_robin", pingpong_across_tiles=False,
@@ -196,7 +197,7 @@ def jax_part(args):
                    for name, n in zip(l2_names, args.l2_prefetch)})
   # --mgpu-only (A/B runs) keeps the current kernel, its schedule without or with any-swap
   # rebalancing and the --l2-prefetch variants.
-  masked_names = (["ours_mgpu", "ours_mgpu_early", "ours_mgpu_chain", "ours_mgpu_rebal_off",
+  masked_names = (["ours_mgpu", "ours_mgpu_late", "ours_mgpu_chain", "ours_mgpu_rebal_off",
                    "ours_mgpu_rebal_any"]
                   + ([] if args.mgpu_only else ["ours_mgpu_noidx", "ours_mgpu_rr",
                                                 "ours_mgpu_prev"]) + l2_names)
@@ -351,12 +352,11 @@ def jax_part(args):
             timed_row(f, (q, k, v, res), dense_flops * frac, heads=heads, scale=scale,
                       impl="ours_mgpu", mask=f"gather20_g{g2}", frac=frac,
                       config="rows copy + Mosaic")
-            s_pad = -(-budget // 128) * 128
-            idx_pad = jnp.pad(idx2, ((0, 0), (0, 0), (0, 0), (0, s_pad - budget)))
+            idx_pad = pad_slots(idx2)
             f = jax.jit(lambda k, v, idx_pad=idx_pad: gather_kv_rows(k, v, idx_pad))
+            moved = 2 * 2 * idx_pad.size * (B // idx_pad.shape[0]) * k.shape[-1] * 2
             timed_row(f, (k, v), 0.0, heads=heads, scale=scale, impl="rows_copy",
-                      mask=f"gather20_g{g2}", frac=frac,
-                      config=f"{2 * 2 * B * ng2 * s_pad * heads * k.shape[-1] * 2 / 1e6:.0f} MB moved")
+                      mask=f"gather20_g{g2}", frac=frac, config=f"{moved / 1e6:.0f} MB moved")
       if scale == first and not args.no_gather:
         ccfgs = [ColsumConfig()]
         if not interp:
@@ -552,7 +552,7 @@ def main():
   p.add_argument("--mgpu-only", action="store_true",
                  help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
   p.add_argument("--variants", default="",
-                 help="Mosaic rows to time on the masks, e.g. 'ours_mgpu,ours_mgpu_early' "
+                 help="Mosaic rows to time on the masks, e.g. 'ours_mgpu,ours_mgpu_late' "
                  "(default: the current kernel and its A/B variants)")
   p.add_argument("--gather-only", action="store_true",
                  help="time only the dense baselines and the gather rows (Triton and Hopper)")

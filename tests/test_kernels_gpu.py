@@ -349,12 +349,14 @@ CHECKS = [
     ("mgpu_traced_mask", lambda: check_mgpu_random_empty_rows(traced=True)),
     ("mgpu_chain_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(tile_info_table=False))),
-    ("mgpu_early_random_empty_rows", lambda: check_mgpu_random_empty_rows(
-        config=MosaicConfig(early_schedule_arrive=True))),
-    ("mgpu_early_csla_s12", lambda: check_mgpu_csla(
-        config=MosaicConfig(early_schedule_arrive=True))),
-    ("mgpu_early_dense", lambda: check_mgpu_dense(
-        config=MosaicConfig(early_schedule_arrive=True))),
+    # The early schedule arrive is the default now (the checks above); these keep the
+    # arrive-at-every-step path it replaced, still a MosaicConfig switch.
+    ("mgpu_late_random_empty_rows", lambda: check_mgpu_random_empty_rows(
+        config=MosaicConfig(early_schedule_arrive=False))),
+    ("mgpu_late_csla_s12", lambda: check_mgpu_csla(
+        config=MosaicConfig(early_schedule_arrive=False))),
+    ("mgpu_late_dense", lambda: check_mgpu_dense(
+        config=MosaicConfig(early_schedule_arrive=False))),
     ("mgpu_l2p_random_empty_rows", lambda: check_mgpu_random_empty_rows(
         config=MosaicConfig(l2_prefetch_steps=2))),
     ("mgpu_residual_random_empty_rows", lambda: check_mgpu_random_empty_rows(residual=True)),
