@@ -5,9 +5,10 @@ Letters: B batch, Q queries, K keys, H heads, D head dim, G query groups, S sele
 colsum[b, h, g, k] = sum over the queries q of group g (group_size consecutive queries) of
 softmax_k(q . k * scale), exactly normalised. Two passes: (1) dense attention returning the
 output and the log-sum-exp (our Pallas kernel, or cuDNN where its log-sum-exp is returned);
-(2) a Pallas kernel per key tile and group that recomputes the scores and sums
-exp(s - lse) over the group's queries. `topk_key_indices` turns column sums into the gather
-kernel's index lists.
+(2) a kernel per key tile that recomputes the scores and sums exp(s - lse) over each group's
+queries: on an H100 the Mosaic GPU kernel of `colsum_mgpu.py` (wgmma, keys as the matmul rows),
+elsewhere the Triton kernel below (also CPU interpret mode). `topk_key_indices` turns column
+sums into the gather kernel's index lists.
 """
 
 from __future__ import annotations
@@ -20,20 +21,25 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import _compat
+from pallas_kernels import _compat, colsum_mgpu
 from pallas_kernels.block_mask import BlockMask
 from pallas_kernels.block_sparse import (LOG2E, BlockSparseConfig, _check_qkv,
                                          _check_triton_tiles, _pad_axis, block_sparse_attention)
+from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
+
+COLSUM_BACKENDS = ("auto", "triton", "mosaic")
 
 
 @dataclasses.dataclass(frozen=True)
 class ColsumConfig:
-  """Tiles of the column-sum pass (block_q divides the group size) + the dense pass config."""
+  """Tiles of the Triton column-sum pass (block_q divides the group size), the dense pass
+  config and the Hopper column-sum kernel's tiles."""
   block_q: int = 64
   block_kv: int = 128
   num_warps: int = 4  # H100, 16 heads, scale 10: 4 warps 0.459 ms vs 8 warps 0.489 (cuDNN dense)
   num_stages: int = 2
   dense: BlockSparseConfig = BlockSparseConfig()
+  mosaic: ColsumMosaicConfig = ColsumMosaicConfig()
 
   def __post_init__(self):
     _check_triton_tiles(self)
@@ -62,9 +68,33 @@ def _colsum_kernel(q_ref, k_ref, lse_ref, cs_ref, *, qk_scale, group_size, block
   lax.fori_loop(0, num_groups, group, 0)
 
 
+def choose_backend(q, group_size: int, config: ColsumConfig = ColsumConfig(),
+                   backend: str = "auto", interpret: bool = False) -> str:
+  """"triton" or "mosaic" for a column-sum call; refuses a Mosaic request it cannot run."""
+  if backend not in COLSUM_BACKENDS:
+    raise ValueError(f"backend={backend!r}; use one of {COLSUM_BACKENDS}.")
+  if backend == "triton":
+    return "triton"
+  why = ("interpret mode runs the Triton kernel only" if interpret
+         else colsum_mgpu.supports(q, group_size, config.mosaic))
+  if backend == "mosaic" and why is not None:
+    raise ValueError(f"backend='mosaic' cannot run this call: {why}. Use backend='triton' or "
+                     "'auto'.")
+  if backend == "mosaic" or (why is None and _compat.on_hopper()):
+    return "mosaic"
+  return "triton"
+
+
 def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
-                config: ColsumConfig = ColsumConfig(), interpret: bool = False):
-  """Column sums [B, H, G, Lk] f32 from q [B, Lq, H, D], k [B, Lk, H, D], lse [B, H, Lq] (natural log)."""
+                config: ColsumConfig = ColsumConfig(), backend: str = "auto",
+                interpret: bool = False):
+  """Column sums [B, H, G, Lk] f32 from q [B, Lq, H, D], k [B, Lk, H, D], lse [B, H, Lq] (natural log).
+
+  backend: "auto" (the Hopper kernel on an sm_90 GPU when `colsum_mgpu.supports` the call,
+  else Triton), "triton" or "mosaic"."""
+  if choose_backend(q, group_size, config, backend, interpret) == "mosaic":
+    return colsum_mgpu.column_sums_mgpu(q, k, lse, group_size=group_size, scale=scale,
+                                        config=config.mosaic)
   b, lq, h, d = q.shape
   lk = k.shape[1]
   scale = d ** -0.5 if scale is None else scale
@@ -93,15 +123,15 @@ def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale", "dense_impl", "config",
-                                             "interpret"))
+                                             "colsum_backend", "interpret"))
 def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = None,
                            dense_impl: str = "pallas", config: ColsumConfig = ColsumConfig(),
-                           interpret: bool = False):
+                           colsum_backend: str = "auto", interpret: bool = False):
   """Dense attention output [B, Lq, H, D] (q.dtype) and column sums [B, H, G, Lk] f32.
 
   dense_impl: "pallas" (our block-sparse kernel with every block, f32 log-sum-exp), "mosaic"
   (our Hopper kernel, bf16/fp16 on an H100) or "cudnn" (jax.nn.dot_product_attention with
-  return_residual; GPU only).
+  return_residual; GPU only). colsum_backend: the column-sum pass (see `column_sums`).
   """
   b, lq, h, d = q.shape
   lk = k.shape[1]
@@ -123,7 +153,7 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
   else:
     raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas', 'mosaic' or 'cudnn'.")
   return out, column_sums(q, k, lse, group_size=group_size, scale=scale, config=config,
-                          interpret=interpret)
+                          backend=colsum_backend, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale"))

@@ -75,7 +75,7 @@ def jax_part(args):
   import jax.numpy as jnp
   from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
                               block_sparse_attention, dense_attention, dense_colsum_attention,
-                              gather_attention, key_budget)
+                              column_sums, gather_attention, key_budget)
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows, pad_slots
   from sparvar_jax.sparse import csla
@@ -121,6 +121,9 @@ def jax_part(args):
     if args.mgpu_only and not kw["impl"].startswith(("ours_mgpu", "jax_cudnn", "rows_copy")):
       return
     if args.gather_only and not (kw["mask"].startswith("gather") or kw["mask"] == "dense"):
+      return
+    if args.colsum_only and not (kw["mask"] == "dense+colsum" or (
+        kw["mask"] == "dense" and kw["impl"] in ("jax_cudnn", "ours_mgpu"))):
       return
     pending.append((fn, xs, flops, kw))
 
@@ -362,15 +365,41 @@ def jax_part(args):
         if not interp:
           ccfgs += [c for c in args.colsum_tiles if c != ccfgs[0]]
         impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mosaic",) if use_mgpu else ())
+        g_cs = 192 if not interp else 64
         for impl in impls:
+          # The Triton column-sum pass (its tile sweep with the cuDNN dense pass) ...
           for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
             ccfg = dataclasses.replace(ccfg, dense=cfg_of["dense"])
             f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
-                q, k, v, group_size=192 if not interp else 64, dense_impl=impl,
-                config=ccfg, interpret=interp))
+                q, k, v, group_size=g_cs, dense_impl=impl, config=ccfg,
+                colsum_backend="triton", interpret=interp))
             timed_row(f, (q, k, v), None, heads=heads, scale=scale,
                       impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0,
                       config=f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
+          # ... and the Hopper one (colsum_mgpu.py), after cuDNN's or our dense pass.
+          if use_mgpu and impl != "pallas":
+            for mcfg in args.colsum_mgpu_tiles:
+              ccfg = ColsumConfig(dense=cfg_of["dense"], mosaic=mcfg)
+              f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
+                  q, k, v, group_size=g_cs, dense_impl=impl, config=ccfg,
+                  colsum_backend="mosaic"))
+              timed_row(f, (q, k, v), None, heads=heads, scale=scale,
+                        impl=f"ours_colsum_{impl}_mgpu", mask="dense+colsum", frac=1.0,
+                        config=f"{mcfg.block_q},{mcfg.block_kv},{mcfg.max_concurrent_steps}")
+            if impl == "cudnn":  # the pass alone, on cuDNN's log-sum-exp
+              _, lse_bqh = jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
+                                                        return_residual=True)
+              lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
+              for ccfg, be in ((ccfgs[0], "triton"),
+                               *((ColsumConfig(mosaic=m), "mosaic")
+                                 for m in args.colsum_mgpu_tiles)):
+                f = jax.jit(lambda q, k, lse, ccfg=ccfg, be=be: column_sums(
+                    q, k, lse, group_size=g_cs, config=ccfg, backend=be))
+                tiles = (f"{ccfg.mosaic.block_q},{ccfg.mosaic.block_kv},"
+                         f"{ccfg.mosaic.max_concurrent_steps}" if be == "mosaic" else
+                         f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
+                timed_row(f, (q, k, lse), None, heads=heads, scale=scale,
+                          impl=f"colsum_pass_{be}", mask="dense+colsum", frac=1.0, config=tiles)
       run_round()
       del q, k, v, kb, vb
   np.savez(os.path.join(args.out, "masks.npz"), **masks_out)
@@ -549,6 +578,10 @@ def main():
   p.add_argument("--colsum-tiles", default="64,128,8,2",
                  help="extra column-sum tiles with the cuDNN dense pass: "
                       "block_q,block_kv,warps,stages[;...] (the default tiles always run)")
+  p.add_argument("--colsum-mgpu-tiles", default="64,128,3",
+                 help="Hopper column-sum tiles: block_q,block_kv,max_concurrent_steps[;...]")
+  p.add_argument("--colsum-only", action="store_true",
+                 help="time only the dense baselines and the column-sum rows")
   p.add_argument("--mgpu-only", action="store_true",
                  help="time only jax cuDNN and the Mosaic rows (kernel-variant A/B runs)")
   p.add_argument("--variants", default="",
@@ -574,6 +607,9 @@ def main():
   from pallas_kernels.colsum import ColsumConfig
   args.colsum_tiles = [ColsumConfig(*map(int, t.split(","))) for t in args.colsum_tiles.split(";")
                        if t]
+  from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
+  args.colsum_mgpu_tiles = [ColsumMosaicConfig(*map(int, t.split(",")))
+                            for t in args.colsum_mgpu_tiles.split(";") if t]
   os.makedirs(args.out, exist_ok=True)
   if args.part == "torch":
     json.dump(torch_part(args), open(os.path.join(args.out, "torch.json"), "w"), indent=1)

@@ -688,3 +688,68 @@ def test_tile_info_table_matches_the_kernels_chain(bm, hm, kv_len):
       tail = int(cut and total > 0 and idx[mb, mh, qi, total - 1] == nk - 1)
       assert int(info[c, i]) == 2 * total + tail, (c, i, t)
   assert (info[:, 0] >= 0).all()
+
+
+# ------------------------------------------------------------- Hopper column-sum kernel (CPU)
+
+
+@pytest.mark.parametrize("lq,lk,d,dtype,g,tiles", [
+    (1600, 4121, 128, jnp.bfloat16, 192, (64, 128, 3)),   # the decision scale, SparVAR's groups
+    (200, 300, 128, jnp.bfloat16, 64, (64, 128, 2)),
+    (1000, 777, 64, jnp.float16, 128, (128, 64, 2)),
+    (130, 700, 64, jnp.bfloat16, 256, (256, 128, 2)),
+])
+def test_colsum_mgpu_lowers_for_cuda_and_captures_no_loop_constants(lq, lk, d, dtype, g, tiles):
+  from pallas_kernels.colsum_mgpu import ColsumMosaicConfig, column_sums_mgpu
+  cfg = ColsumMosaicConfig(*tiles)
+  q = jax.ShapeDtypeStruct((2, lq, 3, d), dtype)
+  k = jax.ShapeDtypeStruct((2, lk, 3, d), dtype)
+  lse = jax.ShapeDtypeStruct((2, 3, lq), jnp.float32)
+  fn = lambda q, k, lse: column_sums_mgpu(q, k, lse, group_size=g, config=cfg)
+  assert _lowers_to_mosaic_gpu(fn, q, k, lse)
+  assert _array_literals_captured_by_loops(jax.make_jaxpr(fn)(q, k, lse).jaxpr) == []
+
+
+def test_colsum_mgpu_reference_matches_float64_and_the_dense_reference():
+  from pallas_kernels.colsum_mgpu import column_sums_reference
+  rng = np.random.default_rng(11)
+  q, k, v = _qkv(rng, 2, 37, 29, 3, 16)
+  out, want = dense_colsum_attention_reference(q, k, v, group_size=16, scale=0.3)
+  qd, kd = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  s = np.einsum("bqhd,bkhd->bhqk", qd, kd) * 0.3
+  lse = np.log(np.exp(s).sum(-1))
+  cs = column_sums_reference(q, k, jnp.asarray(lse, jnp.float32), group_size=16, scale=0.3)
+  p = np.exp(s - lse[..., None])
+  naive = np.stack([p[:, :, i:i + 16].sum(2) for i in range(0, 37, 16)], axis=2)
+  np.testing.assert_allclose(np.asarray(cs), naive, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(cs), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def test_colsum_backend_choice_and_refusals():
+  from pallas_kernels.colsum import choose_backend
+  from pallas_kernels.colsum_mgpu import ColsumMosaicConfig, column_sums_mgpu, supports
+  q16 = jax.ShapeDtypeStruct((1, 1600, 2, 128), jnp.bfloat16)
+  q32 = jax.ShapeDtypeStruct((1, 1600, 2, 128), jnp.float32)
+  assert supports(q16, 192) is None
+  assert "dtype" in supports(q32, 192)
+  assert "head dim" in supports(jax.ShapeDtypeStruct((1, 64, 2, 96), jnp.bfloat16), 64)
+  assert "multiple of block_q" in supports(q16, 96)
+  assert supports(q16, 64) is None
+  many = jax.ShapeDtypeStruct((1, 64 * 257, 1, 128), jnp.bfloat16)
+  assert "257 query groups" in supports(many, 64)
+  big = jax.ShapeDtypeStruct((1, 64 * 200, 1, 128), jnp.bfloat16)
+  assert "shared memory" in supports(big, 64)
+  # On this CPU host "auto" takes the Triton pass; a Mosaic request it cannot run is refused.
+  assert choose_backend(q16, 192) == "triton"
+  assert choose_backend(q16, 192, backend="mosaic") == "mosaic"
+  with pytest.raises(ValueError, match="interpret mode"):
+    choose_backend(q16, 192, backend="mosaic", interpret=True)
+  with pytest.raises(ValueError, match="dtype"):
+    choose_backend(q32, 192, backend="mosaic")
+  with pytest.raises(ValueError, match="backend='cuda'"):
+    choose_backend(q16, 192, backend="cuda")
+  with pytest.raises(ValueError, match="block_kv=96"):
+    ColsumMosaicConfig(block_kv=96)
+  with pytest.raises(ValueError, match="lse must be"):
+    column_sums_mgpu(jnp.zeros((1, 64, 1, 64), jnp.bfloat16), jnp.zeros((1, 64, 1, 64),
+                     jnp.bfloat16), jnp.zeros((1, 64), jnp.float32), group_size=64)

@@ -18,6 +18,8 @@ from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherCo
                             dense_colsum_attention_reference, gather_attention,
                             gather_attention_reference, key_budget, topk_key_indices)
 from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
+from pallas_kernels.colsum import choose_backend as colsum_choose_backend
+from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
 from sparvar_jax.sparse import csla
 
 try:
@@ -140,19 +142,22 @@ def check_gather(d=128, dtype=jnp.bfloat16, group_size=192):
   return _finish(f"gather 20% G{group_size} + residual D{d}", _rel(out, ref), out)
 
 
-def check_colsum(dense_impl="pallas", d=128, dtype=jnp.bfloat16):
+def check_colsum(dense_impl="pallas", d=128, dtype=jnp.bfloat16, colsum_backend="auto",
+                 lq=1600, lk=4121, group_size=192, config=ColsumConfig()):
   rng = _rng()
-  b, h, lq, lk = 2, 2, 1600, 4121
+  b, h = 2, 2
   q, k, v = _qkv(rng, b, lq, lk, h, d, dtype)
-  f = jax.jit(lambda q, k, v: dense_colsum_attention(q, k, v, group_size=192,
-                                                     dense_impl=dense_impl))
+  f = jax.jit(lambda q, k, v: dense_colsum_attention(
+      q, k, v, group_size=group_size, dense_impl=dense_impl, colsum_backend=colsum_backend,
+      config=config))
   out, cs = _poisoned(f, q, k, v)
-  ref_out, ref_cs = dense_colsum_attention_reference(q, k, v, group_size=192)
+  ref_out, ref_cs = dense_colsum_attention_reference(q, k, v, group_size=group_size)
   idx, _ = topk_key_indices(cs, key_budget(0.2, lk, 64))
   ref_idx, _ = topk_key_indices(ref_cs, key_budget(0.2, lk, 64))
   overlap = float(jnp.mean(jax.vmap(jax.vmap(jax.vmap(
       lambda a, r: jnp.isin(a, r).mean())))(idx, ref_idx)))
-  return _finish(f"colsum ({dense_impl} dense) s10 G192 D{d}",
+  pass_ = colsum_choose_backend(q, group_size, config, colsum_backend)
+  return _finish(f"colsum ({dense_impl} dense, {pass_} pass) Lq {lq} Lk {lk} G{group_size} D{d}",
                  max(_rel(out, ref_out), _rel(cs, ref_cs)), (out, cs),
                  dict(topk_overlap=overlap))
 
@@ -329,6 +334,11 @@ CHECKS = [
     ("model_attention_mosaic", check_model_attention_mosaic),
     ("auto_backend_mosaic", check_auto_backend_picks_mosaic),
     ("colsum_mosaic", lambda: check_colsum("mosaic")),
+    ("colsum_cudnn_mgpu_pass", lambda: check_colsum("cudnn", colsum_backend="mosaic")),
+    ("colsum_mgpu_pass_d64_fp16_odd", lambda: check_colsum(
+        "cudnn", d=64, dtype=jnp.float16, colsum_backend="mosaic", lq=1000, lk=777,
+        group_size=128, config=ColsumConfig(mosaic=ColsumMosaicConfig(
+            block_q=128, block_kv=64, max_concurrent_steps=2)))),
     ("mgpu_dense", check_mgpu_dense),
     ("mgpu_dense_kv64_d64_fp16", lambda: check_mgpu_dense(
         lq=1000, lk=3001, d=64, dtype=jnp.float16,
@@ -380,8 +390,8 @@ CHECKS = [
     ("dense", check_dense),
     ("gather", check_gather),
     ("gather_d64", lambda: check_gather(d=64)),
-    ("colsum_pallas", lambda: check_colsum("pallas")),
-    ("colsum_cudnn", lambda: check_colsum("cudnn")),
+    ("colsum_pallas", lambda: check_colsum("pallas", colsum_backend="triton")),
+    ("colsum_cudnn", lambda: check_colsum("cudnn", colsum_backend="triton")),
 ]
 
 
