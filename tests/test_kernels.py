@@ -699,6 +699,7 @@ def test_tile_info_table_matches_the_kernels_chain(bm, hm, kv_len):
     (1000, 777, 64, jnp.float16, 128, (128, 64, 2)),
     (130, 700, 64, jnp.bfloat16, 256, (256, 128, 2)),
     (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, False)),   # lockstep (no ping-pong)
+    (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, True, False)),  # K read from smem
 ])
 def test_colsum_mgpu_lowers_for_cuda_and_captures_no_loop_constants(lq, lk, d, dtype, g, tiles):
   from pallas_kernels.colsum_mgpu import ColsumMosaicConfig, column_sums_mgpu
