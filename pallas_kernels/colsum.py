@@ -39,7 +39,10 @@ class ColsumConfig:
   num_warps: int = 4  # H100, 16 heads, scale 10: 4 warps 0.459 ms vs 8 warps 0.489 (cuDNN dense)
   num_stages: int = 2
   dense: BlockSparseConfig = BlockSparseConfig()
-  mosaic: ColsumMosaicConfig = ColsumMosaicConfig()
+  mosaic: ColsumMosaicConfig | None = None  # None: ColsumMosaicConfig.for_group(group_size)
+
+  def mosaic_for(self, group_size: int) -> ColsumMosaicConfig:
+    return self.mosaic or ColsumMosaicConfig.for_group(group_size)
 
   def __post_init__(self):
     _check_triton_tiles(self)
@@ -76,7 +79,7 @@ def choose_backend(q, group_size: int, config: ColsumConfig = ColsumConfig(),
   if backend == "triton":
     return "triton"
   why = ("interpret mode runs the Triton kernel only" if interpret
-         else colsum_mgpu.supports(q, group_size, config.mosaic))
+         else colsum_mgpu.supports(q, group_size, config.mosaic_for(group_size)))
   if backend == "mosaic" and why is not None:
     raise ValueError(f"backend='mosaic' cannot run this call: {why}. Use backend='triton' or "
                      "'auto'.")
@@ -94,7 +97,7 @@ def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
   else Triton), "triton" or "mosaic"."""
   if choose_backend(q, group_size, config, backend, interpret) == "mosaic":
     return colsum_mgpu.column_sums_mgpu(q, k, lse, group_size=group_size, scale=scale,
-                                        config=config.mosaic)
+                                        config=config.mosaic_for(group_size))
   b, lq, h, d = q.shape
   lk = k.shape[1]
   scale = d ** -0.5 if scale is None else scale

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.block_sparse import LOG2E, _pad_axis
-from pallas_kernels.block_sparse_mgpu import _num_sms
 
+_COMPUTE_WGS = 2
 _SMEM_LIMIT = 227 * 1024
 _SMEM_RESERVE = 1024  # barriers and buffer alignment (fewer buffers than the flash kernel)
 _TMA_BOX_MAX = 256  # a TMA box has at most 256 rows: the groups of one key tile in one store
@@ -39,9 +39,8 @@ _TMA_BOX_MAX = 256  # a TMA box has at most 256 rows: the groups of one key tile
 @dataclasses.dataclass(frozen=True)
 class ColsumMosaicConfig:
   """Tiles of the Hopper column-sum kernel: block_kv keys per compute warpgroup (the wgmma M,
-  loaded once per work item), block_q queries per streamed tile (divides the group size), a
-  ring of max_concurrent_steps query tiles, num_compute_wgs compute warpgroups (each its own
-  block_kv keys, all reading the same query tiles)."""
+  loaded once per CTA), block_q queries per streamed tile (divides the group size), a ring of
+  max_concurrent_steps query tiles."""
   block_q: int = 64
   block_kv: int = 128
   max_concurrent_steps: int = 3
@@ -50,13 +49,7 @@ class ColsumMosaicConfig:
   # Without it both wait for the same query tile and run in lockstep, matmul then exp2:
   # H100, 16 heads, scale 10, 64-query tiles: 0.235 ms (the Triton pass: 0.223).
   pingpong: bool = True
-  # The key tile as the wgmma's A operand from registers (read from shared memory once).
   k_in_registers: bool = True
-  num_compute_wgs: int = 2
-  # One CTA per SM looping over the (key tile, head, batch) items (None: the device's SM
-  # count), or persistent=False: one CTA per item.
-  persistent: bool = False
-  num_ctas: int | None = None
 
   def __post_init__(self):
     if self.block_q not in (64, 128, 192, 256):
@@ -66,20 +59,25 @@ class ColsumMosaicConfig:
       raise ValueError(f"block_kv={self.block_kv} must be 64 or 128 (wgmma M per warpgroup).")
     if not 2 <= self.max_concurrent_steps <= 8:
       raise ValueError(f"max_concurrent_steps={self.max_concurrent_steps} must lie in [2, 8].")
-    if self.num_compute_wgs not in (2, 3, 4):
-      raise ValueError(f"num_compute_wgs={self.num_compute_wgs} must be 2, 3 or 4.")
-    if self.pingpong and self.num_compute_wgs != 2:
-      raise ValueError("pingpong=True alternates exactly two compute warpgroups; set "
-                       f"pingpong=False for num_compute_wgs={self.num_compute_wgs}.")
+
+  @classmethod
+  def for_group(cls, group_size: int) -> "ColsumMosaicConfig":
+    """The measured best tiles for a query-group size. H100, scale 10, column-sum pass
+    alone, 16 / 28 heads (WORKSPACE.md, session 6): SparVAR's 192-query groups in one tile,
+    64-key warpgroup tiles, ring 2: 0.189 / 0.320 ms; 64-query tiles, 128 keys, ring 3:
+    0.203 / 0.327 (the Triton pass: 0.224 / 0.390)."""
+    if group_size % 192 == 0:
+      return cls(block_q=192, block_kv=64, max_concurrent_steps=2)
+    return cls()
 
   @property
   def keys_per_cta(self) -> int:
-    return self.num_compute_wgs * self.block_kv
+    return _COMPUTE_WGS * self.block_kv
 
   def smem_bytes(self, head_dim: int, num_groups: int, itemsize: int = 2) -> int:
-    k = self.num_compute_wgs * self.block_kv * head_dim * itemsize
+    k = _COMPUTE_WGS * self.block_kv * head_dim * itemsize
     q = self.max_concurrent_steps * self.block_q * (head_dim * itemsize + 4)
-    cs = self.num_compute_wgs * num_groups * self.block_kv * 4
+    cs = _COMPUTE_WGS * num_groups * self.block_kv * 4
     return k + q + cs + _SMEM_RESERVE
 
 
@@ -111,125 +109,86 @@ class _Static:
   qk_scale2: float
   tiles_per_group: int
   num_groups: int
-  wgs: int
   pingpong: bool
   k_in_registers: bool
-  num_kv_tiles: int
-  num_heads: int
-  num_items: int
-  num_ctas: int | None  # None: one CTA per (key tile, head, batch)
-
-
-def _compute_registers(wgs: int) -> int:
-  # The memory warpgroup keeps 40 registers; the compute warpgroups share the rest of the
-  # 64K register file (a multiple of 8, at most 232).
-  return min(232, (65536 - 128 * 40) // (128 * wgs) // 8 * 8)
 
 
 def _kernel(q_ref, k_ref, lse_ref, cs_ref, scoped, *, st: _Static):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 
+  kt, hi, bi = lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch")
   wg = lax.axis_index("wg")
-  (k_smem_w, q_smem, lse_smem, cs_smem), (k_ready, q_ready, lse_ready), q_free, turn = scoped
+  (k_smem2, q_smem, lse_smem, cs_smem), (k_ready, q_ready, lse_ready), q_free, turn = scoped
   bq, bk = st.block_q, st.block_kv
-  steps = st.num_groups * st.tiles_per_group
   # Loop bounds and constants are made from runtime values inside the loops: jax 0.11.2's
   # Mosaic GPU lowering rejects jnp constants captured by loop bodies (block_sparse_mgpu.py).
+  zero = hi - hi
   ring = lambda: jnp.int32(st.ring)
-  if st.num_ctas is None:
-    coords0 = (lax.axis_index("kv"), lax.axis_index("heads"), lax.axis_index("batch"))
-    zero = coords0[1] - coords0[1]
-    num_items = zero + 1
-    coords = lambda i: coords0
-  else:
-    # Persistent: CTA c takes work items c, c + num_ctas, ... (key tiles fastest, so the
-    # CTAs in flight share a head's queries in L2); the query ring runs on across items.
-    sm = lax.axis_index("sm")
-    zero = sm - sm
-    num_items = lax.div(st.num_items - sm + (st.num_ctas - 1), zero + st.num_ctas)
 
-    def coords(i):
-      w = sm + i * st.num_ctas
-      r = lax.div(w, zero + st.num_kv_tiles)
-      return lax.rem(w, zero + st.num_kv_tiles), lax.rem(r, zero + st.num_heads), lax.div(
-          r, zero + st.num_heads)
-
-  @pl.when(wg < st.wgs)
+  @pl.when(wg < _COMPUTE_WGS)
   def _compute():
-    plgpu.set_max_registers(_compute_registers(st.wgs), action="increase")
-    k_smem = k_smem_w.at[wg]
+    plgpu.set_max_registers(232, action="increase")
+    k_base = (kt * _COMPUTE_WGS + wg) * bk
+    k_smem = k_smem2.at[wg]
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k_base, bk), hi], k_smem, k_ready.at[wg])
+    plgpu.barrier_wait(k_ready.at[wg])
+    # The key tile is the wgmma's A operand for every step: held in registers it is read from
+    # shared memory once, and each wgmma reads only the query tile (B). From shared memory
+    # both are re-read per wgmma, which at N = 64 queries costs what the tensor cores do.
+    k_op = plgpu.load(k_smem, (), layout=plgpu.Layout.WGMMA) if st.k_in_registers else k_smem
 
-    def item(i, carry):
-      kt, hi, bi = coords(i)
-      k_base = (kt * st.wgs + wg) * bk
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, pl.ds(k_base, bk), hi], k_smem, k_ready.at[wg])
-      plgpu.barrier_wait(k_ready.at[wg])
-      # The key tile is the wgmma's A operand at every step: held in registers it is read
-      # from shared memory once, and each wgmma reads only the query tile.
-      k_op = plgpu.load(k_smem, (), layout=plgpu.Layout.WGMMA) if st.k_in_registers else k_smem
+    def group(g, carry):
+      def step(t, acc):
+        s = g * st.tiles_per_group + t
+        slot = lax.rem(s, ring())
+        plgpu.barrier_wait(q_ready.at[slot])
+        if st.pingpong:
+          # Take the tensor cores in turns: warpgroup 0 goes first at step 0.
+          @pl.when(jnp.logical_or(wg == 1, s > 0))
+          def _():
+            plgpu.barrier_wait(turn.at[wg])
 
-      def group(g, carry):
-        def step(t, acc):
-          s = i * steps + g * st.tiles_per_group + t
-          slot = lax.rem(s, ring())
-          plgpu.barrier_wait(q_ready.at[slot])
-          if st.pingpong:
-            # Take the tensor cores in turns: warpgroup 0 goes first at the first step.
-            @pl.when(jnp.logical_or(wg == 1, s > 0))
-            def _():
-              plgpu.barrier_wait(turn.at[wg])
+        def qk_scope(acc_ref):
+          plgpu.wgmma(acc_ref, k_op, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
+          return acc_ref[...]
 
-          def qk_scope(acc_ref):
-            plgpu.wgmma(acc_ref, k_op, plgpu.transpose_ref(q_smem.at[slot], (1, 0)))
-            return acc_ref[...]
+        s_t = pl.run_scoped(qk_scope, plgpu.ACC((bk, bq), jnp.float32))
+        if st.pingpong:
+          plgpu.barrier_arrive(turn.at[1 - wg])
+        plgpu.barrier_wait(lse_ready.at[slot])
+        lse2 = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        plgpu.barrier_arrive(q_free.at[slot])
+        p_t = jnp.exp2(s_t * st.qk_scale2 - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
+        return acc + p_t.sum(axis=1)
 
-          s_t = pl.run_scoped(qk_scope, plgpu.ACC((bk, bq), jnp.float32))
-          if st.pingpong:
-            plgpu.barrier_arrive(turn.at[1 - wg])
-          plgpu.barrier_wait(lse_ready.at[slot])
-          lse2 = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-          plgpu.barrier_arrive(q_free.at[slot])
-          p_t = jnp.exp2(s_t * st.qk_scale2 - lax.broadcast_in_dim(lse2, s_t.shape, [1]))
-          return acc + p_t.sum(axis=1)
-
-        acc = plgpu.layout_cast(jnp.full((bk,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
-        acc = lax.fori_loop(zero, zero + st.tiles_per_group, step, acc)
-        cs_smem.at[wg, g][...] = acc
-        return carry
-
-      lax.fori_loop(zero, zero + st.num_groups, group, zero)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(cs_smem.at[wg], cs_ref.at[bi, hi, :, pl.ds(k_base, bk)])
-      # The next item rewrites cs_smem: its store must have read it.
-      plgpu.wait_smem_to_gmem(0)
+      acc = plgpu.layout_cast(jnp.full((bk,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+      acc = lax.fori_loop(zero, zero + st.tiles_per_group, step, acc)
+      cs_smem.at[wg, g][...] = acc
       return carry
 
-    lax.fori_loop(zero, num_items, item, zero)
+    lax.fori_loop(zero, zero + st.num_groups, group, zero)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(cs_smem.at[wg], cs_ref.at[bi, hi, :, pl.ds(k_base, bk)])
+    plgpu.wait_smem_to_gmem(0)
 
-  @pl.when(wg == st.wgs)
+  @pl.when(wg == _COMPUTE_WGS)
   def _memory():
     plgpu.set_max_registers(40, action="decrease")
 
-    def item(i, carry):
-      _, hi, bi = coords(i)
+    def step(s, carry):
+      slot = lax.rem(s, ring())
 
-      def step(t, carry):
-        s = i * steps + t
-        slot = lax.rem(s, ring())
+      @pl.when(s >= ring())
+      def _():
+        plgpu.barrier_wait(q_free.at[slot])
 
-        @pl.when(s >= ring())
-        def _():
-          plgpu.barrier_wait(q_free.at[slot])
+      rows = pl.ds(s * bq, bq)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_ready.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_ready.at[slot])
+      return carry
 
-        rows = pl.ds(t * bq, bq)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_ready.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_ready.at[slot])
-        return carry
-
-      return lax.fori_loop(zero, zero + steps, step, carry)
-
-    lax.fori_loop(zero, num_items, item, zero)
+    lax.fori_loop(zero, zero + st.num_groups * st.tiles_per_group, step, zero)
 
 
 def column_sums_mgpu(q, k, lse, *, group_size: int, scale: float | None = None,
@@ -262,45 +221,36 @@ def _column_sums_mgpu(q, k, lse, *, group_size, scale, config):
   kc = config.keys_per_cta
   nkt = -(-lk // kc)
   lk_pad = nkt * kc
-  wgs = config.num_compute_wgs
-  num_items = nkt * h * b
-  num_ctas = None
-  if config.persistent:
-    num_ctas = min(config.num_ctas or _num_sms(), num_items)
   st = _Static(dtype=q.dtype, block_q=config.block_q, block_kv=config.block_kv, head_dim=d,
                ring=config.max_concurrent_steps, qk_scale2=scale * LOG2E,
-               tiles_per_group=group_size // config.block_q, num_groups=ng, wgs=wgs,
-               pingpong=config.pingpong, k_in_registers=config.k_in_registers,
-               num_kv_tiles=nkt, num_heads=h, num_items=num_items, num_ctas=num_ctas)
+               tiles_per_group=group_size // config.block_q, num_groups=ng,
+               pingpong=config.pingpong, k_in_registers=config.k_in_registers)
   lse2 = _pad_axis(lse.astype(jnp.float32) * LOG2E, 2, lq_pad, value=jnp.inf)
   ring = config.max_concurrent_steps
 
   def entry(q_ref, k_ref, lse_ref, cs_ref):
     tiles = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     scratch = [
-        plgpu.SMEM((wgs, config.block_kv, d), q.dtype, transforms=tiles),
+        plgpu.SMEM((_COMPUTE_WGS, config.block_kv, d), q.dtype, transforms=tiles),
         plgpu.SMEM((ring, config.block_q, d), q.dtype, transforms=tiles),
         plgpu.SMEM((ring, config.block_q), jnp.float32),
-        plgpu.SMEM((wgs, ng, config.block_kv), jnp.float32),
+        plgpu.SMEM((_COMPUTE_WGS, ng, config.block_kv), jnp.float32),
     ]
     pl.run_scoped(
         lambda *sc: _kernel(q_ref, k_ref, lse_ref, cs_ref, sc, st=st),
         scratch,
-        (plgpu.Barrier(num_barriers=wgs), plgpu.Barrier(num_barriers=ring),
+        (plgpu.Barrier(num_barriers=_COMPUTE_WGS), plgpu.Barrier(num_barriers=ring),
          plgpu.Barrier(num_barriers=ring)),
-        plgpu.Barrier(num_arrivals=wgs, num_barriers=ring),
-        plgpu.Barrier(num_barriers=2) if config.pingpong else None,
+        plgpu.Barrier(num_arrivals=_COMPUTE_WGS, num_barriers=ring),
+        plgpu.Barrier(num_barriers=_COMPUTE_WGS),
         collective_axes="wg",
     )
 
   # Key tiles fastest: consecutive CTAs stream the same head's queries, which stay in L2.
-  if num_ctas is None:
-    grid, names = (nkt, h, b), ("kv", "heads", "batch")
-  else:
-    grid, names = (num_ctas,), ("sm",)
   cs = plgpu.kernel(
       entry, out_type=jax.ShapeDtypeStruct((b, h, ng, lk_pad), jnp.float32),
-      grid=grid, grid_names=names, num_threads=wgs + 1, thread_name="wg",
+      grid=(nkt, h, b), grid_names=("kv", "heads", "batch"),
+      num_threads=_COMPUTE_WGS + 1, thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(_pad_axis(q, 1, lq_pad), _pad_axis(k, 1, lk_pad), lse2)
   return cs[..., :lk]

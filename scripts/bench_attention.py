@@ -78,6 +78,7 @@ def jax_part(args):
                               column_sums, gather_attention, key_budget)
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows, pad_slots
+  from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
   from sparvar_jax.sparse import csla
 
   R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
@@ -380,6 +381,7 @@ def jax_part(args):
           if use_mgpu and impl != "pallas":
             for mcfg in args.colsum_mgpu_tiles:
               ccfg = ColsumConfig(dense=cfg_of["dense"], mosaic=mcfg)
+              mcfg = ccfg.mosaic_for(g_cs)
               f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
                   q, k, v, group_size=g_cs, dense_impl=impl, config=ccfg,
                   colsum_backend="mosaic"))
@@ -391,8 +393,8 @@ def jax_part(args):
                                                         return_residual=True)
               lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
               for ccfg, be in ((ccfgs[0], "triton"),
-                               *((ColsumConfig(mosaic=m), "mosaic")
-                                 for m in args.colsum_mgpu_tiles)):
+                               *((ColsumConfig(mosaic=m or ColsumMosaicConfig.for_group(g_cs)),
+                                  "mosaic") for m in args.colsum_mgpu_tiles)):
                 f = jax.jit(lambda q, k, lse, ccfg=ccfg, be=be: column_sums(
                     q, k, lse, group_size=g_cs, config=ccfg, backend=be))
                 tiles = (f"{ccfg.mosaic.block_q},{ccfg.mosaic.block_kv},"
@@ -578,8 +580,9 @@ def main():
   p.add_argument("--colsum-tiles", default="64,128,8,2",
                  help="extra column-sum tiles with the cuDNN dense pass: "
                       "block_q,block_kv,warps,stages[;...] (the default tiles always run)")
-  p.add_argument("--colsum-mgpu-tiles", default="64,128,3",
-                 help="Hopper column-sum tiles: block_q,block_kv,max_concurrent_steps[;...]")
+  p.add_argument("--colsum-mgpu-tiles", default="auto;64,128,3",
+                 help="Hopper column-sum tiles: block_q,block_kv,max_concurrent_steps[;...]; "
+                 "'auto' = ColsumMosaicConfig.for_group (the default)")
   p.add_argument("--colsum-only", action="store_true",
                  help="time only the dense baselines and the column-sum rows")
   p.add_argument("--mgpu-only", action="store_true",
@@ -608,7 +611,7 @@ def main():
   args.colsum_tiles = [ColsumConfig(*map(int, t.split(","))) for t in args.colsum_tiles.split(";")
                        if t]
   from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
-  args.colsum_mgpu_tiles = [ColsumMosaicConfig(*map(int, t.split(",")))
+  args.colsum_mgpu_tiles = [None if t == "auto" else ColsumMosaicConfig(*map(int, t.split(",")))
                             for t in args.colsum_mgpu_tiles.split(";") if t]
   os.makedirs(args.out, exist_ok=True)
   if args.part == "torch":

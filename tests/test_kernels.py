@@ -700,9 +700,6 @@ def test_tile_info_table_matches_the_kernels_chain(bm, hm, kv_len):
     (130, 700, 64, jnp.bfloat16, 256, (256, 128, 2)),
     (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, False)),   # lockstep (no ping-pong)
     (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, True, False)),  # K read from smem
-    (1600, 4121, 128, jnp.bfloat16, 192, (64, 64, 3, False, True, 4)),  # 4 compute warpgroups
-    (1000, 777, 64, jnp.float16, 128, (128, 64, 2, False, True, 3, True)),  # persistent
-    (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, True, True, 2, True, 7)),
 ])
 def test_colsum_mgpu_lowers_for_cuda_and_captures_no_loop_constants(lq, lk, d, dtype, g, tiles):
   from pallas_kernels.colsum_mgpu import ColsumMosaicConfig, column_sums_mgpu
@@ -755,8 +752,11 @@ def test_colsum_backend_choice_and_refusals():
     choose_backend(q16, 192, backend="cuda")
   with pytest.raises(ValueError, match="block_kv=96"):
     ColsumMosaicConfig(block_kv=96)
-  with pytest.raises(ValueError, match="pingpong=False for num_compute_wgs=3"):
-    ColsumMosaicConfig(num_compute_wgs=3)
+  assert ColsumMosaicConfig.for_group(192) == ColsumMosaicConfig(192, 64, 2)
+  assert ColsumMosaicConfig.for_group(384).block_q == 192
+  assert ColsumMosaicConfig.for_group(128) == ColsumMosaicConfig()
+  assert ColsumConfig().mosaic_for(192).block_q == 192
+  assert ColsumConfig(mosaic=ColsumMosaicConfig(64)).mosaic_for(192).block_q == 64
   with pytest.raises(ValueError, match="lse must be"):
     column_sums_mgpu(jnp.zeros((1, 64, 1, 64), jnp.bfloat16), jnp.zeros((1, 64, 1, 64),
                      jnp.bfloat16), jnp.zeros((1, 64), jnp.float32), group_size=64)

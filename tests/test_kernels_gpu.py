@@ -335,14 +335,8 @@ CHECKS = [
     ("auto_backend_mosaic", check_auto_backend_picks_mosaic),
     ("colsum_mosaic", lambda: check_colsum("mosaic")),
     ("colsum_cudnn_mgpu_pass", lambda: check_colsum("cudnn", colsum_backend="mosaic")),
-    ("colsum_mgpu_pass_4wg_persistent", lambda: check_colsum(
-        "cudnn", colsum_backend="mosaic", config=ColsumConfig(mosaic=ColsumMosaicConfig(
-            block_q=64, block_kv=64, pingpong=False, num_compute_wgs=4, persistent=True)))),
-    ("colsum_mgpu_pass_3wg_fp16_odd", lambda: check_colsum(
-        "cudnn", d=64, dtype=jnp.float16, colsum_backend="mosaic", lq=1000, lk=777,
-        group_size=128, config=ColsumConfig(mosaic=ColsumMosaicConfig(
-            block_q=128, block_kv=64, pingpong=False, num_compute_wgs=3, persistent=True,
-            num_ctas=5)))),
+    ("colsum_mgpu_pass_g64_tiles", lambda: check_colsum(
+        "cudnn", colsum_backend="mosaic", group_size=64)),
     ("colsum_mgpu_pass_d64_fp16_odd", lambda: check_colsum(
         "cudnn", d=64, dtype=jnp.float16, colsum_backend="mosaic", lq=1000, lk=777,
         group_size=128, config=ColsumConfig(mosaic=ColsumMosaicConfig(
