@@ -4,16 +4,21 @@ Letters: B batch, Q queries, K keys, H heads, D head dim, G query groups.
 
 colsum[b, h, g, k] = sum over the queries q of group g of exp(q . k * scale - lse[b, h, q]),
 the second pass of `colsum.dense_colsum_attention` (the first, dense attention, supplies lse).
-It is the transpose of a flash-attention forward: each CTA holds a 256-key tile (128 keys per
-compute warpgroup, loaded once) and streams all its head's queries past it, as FlashAttention's
-dK/dV kernel does. A compute warpgroup computes S^T = K Q^T with wgmma (keys are the wgmma
-rows, so a key's sum over queries is a row sum in registers, the reduction flash attention
-does for its softmax denominators), P^T = exp2(S^T * c - lse), and sums the rows per group.
-One memory warpgroup streams the query tiles and their log-sum-exp with TMA through a ring.
+It is the transpose of a flash-attention forward: each CTA holds 2 x block_kv keys (one tile
+per compute warpgroup, loaded once) and streams all its head's queries past them, as
+FlashAttention's dK/dV kernel does. A compute warpgroup computes S^T = K Q^T with wgmma (keys
+are the wgmma rows, so a key's sum over queries is a row sum in registers, the reduction flash
+attention does for its softmax denominators; the key tile is the A operand, from registers),
+P^T = exp2(S^T * c - lse), and sums the rows per group; the two warpgroups take the tensor
+cores in turns. One memory warpgroup streams the query tiles and their log-sum-exp with TMA.
 
-Why not the Triton pass (`colsum.column_sums(backend="triton")`): it reaches ~0.8 of the
-dense pass's time at the decision scale, re-reading Q from L2 and computing the matmul in
-Triton's ~400 TFLOP/s ceiling; half the FLOPs of attention (no PV) should cost about half.
+Measured (H100, Infinity's decision scale 10: 1600 queries x 4121 keys, batch 2, 192-query
+groups; WORKSPACE.md, session 6): the pass alone 0.189 ms at 16 heads, 0.326 at 28 (the
+Triton pass: 0.223 / 0.394), so dense + column sums is 1.71x / 1.89x the cuDNN dense pass.
+It runs at ~320 TFLOP/s: without the exp2 and the log-sum-exp it still took 0.153 ms (full:
+0.186), so the matmul issue itself (each warpgroup waits for its wgmma before the next;
+64-key x 192-query tiles) is the limit, not the exponentials. Tried and dropped: 3-4 compute warpgroups with a persistent launch
+(hung on its first GPU run, never debugged).
 
 Reference: `column_sums_reference` below (pure JAX, f32). Not runnable on CPU (see
 block_sparse_mgpu.py); CPU tests lower it for CUDA, GPU checks compare it with the reference.
@@ -63,9 +68,9 @@ class ColsumMosaicConfig:
   @classmethod
   def for_group(cls, group_size: int) -> "ColsumMosaicConfig":
     """The measured best tiles for a query-group size. H100, scale 10, column-sum pass
-    alone, 16 / 28 heads (WORKSPACE.md, session 6): SparVAR's 192-query groups in one tile,
-    64-key warpgroup tiles, ring 2: 0.189 / 0.320 ms; 64-query tiles, 128 keys, ring 3:
-    0.203 / 0.327 (the Triton pass: 0.224 / 0.390)."""
+    alone, 16 / 28 heads (WORKSPACE.md, session 6, S6-7): SparVAR's 192-query groups in one
+    tile, 64-key warpgroup tiles, ring 2: 0.189 / 0.326 ms; 64-query tiles, 128 keys, ring 3:
+    0.203 / 0.327 (the Triton pass: 0.223 / 0.394)."""
     if group_size % 192 == 0:
       return cls(block_q=192, block_kv=64, max_concurrent_steps=2)
     return cls()
