@@ -697,7 +697,7 @@ def test_tile_info_table_matches_the_kernels_chain(bm, hm, kv_len):
     (1600, 4121, 128, jnp.bfloat16, 192, (64, 128, 3)),   # the decision scale, SparVAR's groups
     (200, 300, 128, jnp.bfloat16, 64, (64, 128, 2)),
     (1000, 777, 64, jnp.float16, 128, (128, 64, 2)),
-    (130, 700, 64, jnp.bfloat16, 256, (256, 128, 2)),
+    (130, 700, 64, jnp.bfloat16, 256, (256, 64, 2)),
     (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, False)),   # lockstep (no ping-pong)
     (1600, 4121, 128, jnp.bfloat16, 192, (192, 64, 2, True, False)),  # K read from smem
 ])
@@ -752,6 +752,8 @@ def test_colsum_backend_choice_and_refusals():
     choose_backend(q16, 192, backend="cuda")
   with pytest.raises(ValueError, match="block_kv=96"):
     ColsumMosaicConfig(block_kv=96)
+  with pytest.raises(ValueError, match="192 score registers"):
+    ColsumMosaicConfig(block_q=192, block_kv=128)
   assert ColsumMosaicConfig.for_group(192) == ColsumMosaicConfig(192, 64, 2)
   assert ColsumMosaicConfig.for_group(384).block_q == 192
   assert ColsumMosaicConfig.for_group(128) == ColsumMosaicConfig()
