@@ -505,7 +505,11 @@ def torch_part(args):
         break
       if scale == last:
         for dens in DENSITIES:
-          types = masks[f"rand_{heads}_{int(dens * 100)}"]
+          name = f"rand_{heads}_{int(dens * 100)}"
+          if name not in masks:  # the JAX part stopped (--time-limit) before drawing it
+            log(f"no {name} mask from the JAX part: Flex random{int(dens * 100)} skipped")
+            continue
+          types = masks[name]
           bmr = from_types(types, lq, lk, heads)
           queue.append(("flex", f"random{int(dens * 100)}",
                         lambda bmr=bmr: flex(q, k, v, block_mask=bmr), None))
