@@ -462,6 +462,9 @@ def torch_part(args):
       if time.time() - t_start > args.time_limit:
         log("time limit reached: stopping the torch sweep")
         break
+      if f"csla_{scale}" not in masks:  # the JAX part stopped (--time-limit) before it
+        log(f"no scale-{scale} masks from the JAX part: torch rows of scale {scale} skipped")
+        continue
       torch._dynamo.reset()
       lq, lk = shape_of(scale)
       g = torch.Generator(device=dev).manual_seed(heads * 100 + scale)
