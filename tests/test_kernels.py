@@ -754,6 +754,11 @@ def test_colsum_backend_choice_and_refusals():
     ColsumMosaicConfig(block_kv=96)
   with pytest.raises(ValueError, match="192 score registers"):
     ColsumMosaicConfig(block_q=192, block_kv=128)
+  # The dense pass: cuDNN only on a GPU for bf16/fp16; on this CPU host our Triton kernel.
+  from pallas_kernels.colsum import dense_impl_for
+  assert dense_impl_for(q16) == "pallas"
+  assert dense_impl_for(q16, "cudnn") == "cudnn"
+  assert dense_impl_for(q32, "auto", interpret=True) == "pallas"
   assert ColsumMosaicConfig.for_group(192) == ColsumMosaicConfig(192, 64, 2)
   assert ColsumMosaicConfig.for_group(384).block_q == 192
   assert ColsumMosaicConfig.for_group(128) == ColsumMosaicConfig()
