@@ -174,13 +174,21 @@ def _num_sms() -> int:
   return 132  # H100 SXM (also used when lowering for CUDA on a CPU host)
 
 
-def supports(q, mask: BlockMask | None, config: MosaicConfig = MosaicConfig(),
-             residual: bool = False, return_lse: bool = True) -> str | None:
-  """None when the Mosaic kernel can run this call, else the reason it cannot."""
+def operand_refusal(q) -> str | None:
+  """Why the Hopper kernels (wgmma on swizzled 64-column tiles) cannot take q, or None."""
   if q.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtype {q.dtype} (bf16/fp16 only)"
   if q.shape[-1] not in (64, 128):
     return f"head dim {q.shape[-1]} (64 or 128 only)"
+  return None
+
+
+def supports(q, mask: BlockMask | None, config: MosaicConfig = MosaicConfig(),
+             residual: bool = False, return_lse: bool = True) -> str | None:
+  """None when the Mosaic kernel can run this call, else the reason it cannot."""
+  why = operand_refusal(q)
+  if why is not None:
+    return why
   need = config.smem_bytes(q.shape[-1], residual=residual, return_lse=return_lse)
   if need > _SMEM_LIMIT:
     return (f"{config} needs {need} B of shared memory (residual={residual}, "

@@ -25,6 +25,7 @@ from pallas_kernels import _compat, colsum_mgpu
 from pallas_kernels.block_mask import BlockMask
 from pallas_kernels.block_sparse import (LOG2E, BlockSparseConfig, _check_qkv,
                                          _check_triton_tiles, _pad_axis, block_sparse_attention)
+from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
 from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
 
 COLSUM_BACKENDS = ("auto", "triton", "mosaic")
@@ -138,6 +139,31 @@ def dense_impl_for(q, dense_impl: str = "auto", interpret: bool = False) -> str:
   return "pallas"
 
 
+def dense_attention_with_lse(q, k, v, *, scale: float | None = None, dense_impl: str = "auto",
+                             config: BlockSparseConfig = BlockSparseConfig(),
+                             interpret: bool = False):
+  """The dense pass of `dense_colsum_attention`: output [B, Lq, H, D] (q.dtype) and
+  log-sum-exp [B, H, Lq] f32 (natural log) from the `dense_impl_for` kernel; config tiles
+  the Triton ("pallas") kernel."""
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  _check_qkv(q, k, v, lk)
+  scale = d ** -0.5 if scale is None else scale
+  dense_impl = dense_impl_for(q, dense_impl, interpret)
+  if dense_impl == "pallas":
+    mask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=config.block_q,
+                           block_kv=max(config.block_kv, 128))
+    return block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True, config=config,
+                                  backend="triton", interpret=interpret)
+  if dense_impl == "mosaic":
+    return block_sparse_attention_mgpu(q, k, v, scale=scale, return_lse=True)
+  if dense_impl == "cudnn":
+    out, lse_bqh = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
+                                                return_residual=True)
+    return out, jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
+  raise ValueError(f"dense_impl={dense_impl!r}; use 'auto', 'pallas', 'mosaic' or 'cudnn'.")
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "scale", "dense_impl", "config",
                                              "colsum_backend", "interpret"))
 def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = None,
@@ -150,26 +176,8 @@ def dense_colsum_attention(q, k, v, *, group_size: int, scale: float | None = No
   (jax.nn.dot_product_attention with return_residual; GPU only). colsum_backend: the
   column-sum pass (see `column_sums`).
   """
-  b, lq, h, d = q.shape
-  lk = k.shape[1]
-  _check_qkv(q, k, v, lk)
-  scale = d ** -0.5 if scale is None else scale
-  dense_impl = dense_impl_for(q, dense_impl, interpret)
-  if dense_impl == "pallas":
-    dc = config.dense
-    mask = BlockMask.dense(q_len=lq, kv_len=lk, block_q=dc.block_q, block_kv=max(dc.block_kv, 128))
-    out, lse = block_sparse_attention(q, k, v, mask, scale=scale, return_lse=True, config=dc,
-                                      backend="triton",
-                                      interpret=interpret)
-  elif dense_impl == "mosaic":
-    from pallas_kernels.block_sparse_mgpu import block_sparse_attention_mgpu
-    out, lse = block_sparse_attention_mgpu(q, k, v, scale=scale, return_lse=True)
-  elif dense_impl == "cudnn":
-    out, lse_bqh = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn",
-                                                return_residual=True)
-    lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
-  else:
-    raise ValueError(f"dense_impl={dense_impl!r}; use 'pallas', 'mosaic' or 'cudnn'.")
+  out, lse = dense_attention_with_lse(q, k, v, scale=scale, dense_impl=dense_impl,
+                                      config=config.dense, interpret=interpret)
   return out, column_sums(q, k, lse, group_size=group_size, scale=scale, config=config,
                           backend=colsum_backend, interpret=interpret)
 

@@ -34,9 +34,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels.block_sparse import LOG2E, _pad_axis
+from pallas_kernels.block_sparse_mgpu import _SMEM_LIMIT, operand_refusal
 
 _COMPUTE_WGS = 2
-_SMEM_LIMIT = 227 * 1024
 _SMEM_RESERVE = 1024  # barriers and buffer alignment (fewer buffers than the flash kernel)
 _TMA_BOX_MAX = 256  # a TMA box has at most 256 rows: the groups of one key tile in one store
 
@@ -95,11 +95,10 @@ class ColsumMosaicConfig:
 
 def supports(q, group_size: int, config: ColsumMosaicConfig = ColsumMosaicConfig()) -> str | None:
   """None when the Hopper kernel can run this call, else the reason it cannot."""
-  if q.dtype not in (jnp.bfloat16, jnp.float16):
-    return f"dtype {q.dtype} (bf16/fp16 only)"
+  why = operand_refusal(q)
+  if why is not None:
+    return why
   d = q.shape[-1]
-  if d not in (64, 128):
-    return f"head dim {d} (64 or 128 only)"
   if group_size % config.block_q:
     return f"group_size={group_size} is not a multiple of block_q={config.block_q}"
   ng = -(-q.shape[1] // group_size)
@@ -203,16 +202,12 @@ def _kernel(q_ref, k_ref, lse_ref, cs_ref, scoped, *, st: _Static):
     lax.fori_loop(zero, zero + st.num_groups * st.tiles_per_group, step, zero)
 
 
+@functools.partial(jax.jit, static_argnames=("group_size", "scale", "config"))
 def column_sums_mgpu(q, k, lse, *, group_size: int, scale: float | None = None,
                      config: ColsumMosaicConfig = ColsumMosaicConfig()):
   """Column sums [B, H, G, Lk] f32 from q [B, Lq, H, D], k [B, Lk, H, D] (bf16/fp16) and
   lse [B, H, Lq] (natural log, f32), on an H100. Padding queries (Lq up to whole groups) add
   nothing: their lse is +inf."""
-  return _column_sums_mgpu(q, k, lse, group_size=group_size, scale=scale, config=config)
-
-
-@functools.partial(jax.jit, static_argnames=("group_size", "scale", "config"))
-def _column_sums_mgpu(q, k, lse, *, group_size, scale, config):
   import jax.experimental.pallas as pl
   import jax.experimental.pallas.mosaic_gpu as plgpu
 

@@ -76,9 +76,9 @@ def jax_part(args):
   from pallas_kernels import (BlockMask, BlockSparseConfig, ColsumConfig, GatherConfig,
                               block_sparse_attention, dense_attention, dense_colsum_attention,
                               column_sums, gather_attention, key_budget)
+  from pallas_kernels.colsum import dense_attention_with_lse
   from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
   from pallas_kernels.gather_mgpu import gather_attention_mgpu, gather_kv_rows, pad_slots
-  from pallas_kernels.colsum_mgpu import ColsumMosaicConfig
   from sparvar_jax.sparse import csla
 
   R = dict(jax=jax.__version__, device=str(jax.devices()[0].device_kind), rows=[], tuning=[])
@@ -367,6 +367,12 @@ def jax_part(args):
           ccfgs += [c for c in args.colsum_tiles if c != ccfgs[0]]
         impls = ("pallas",) if interp else ("pallas", "cudnn") + (("mosaic",) if use_mgpu else ())
         g_cs = 192 if not interp else 64
+
+        def colsum_tiles(ccfg, backend):
+          if backend == "mosaic":
+            m = ccfg.mosaic_for(g_cs)
+            return f"{m.block_q},{m.block_kv},{m.max_concurrent_steps}"
+          return f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}"
         for impl in impls:
           # The Triton column-sum pass (its tile sweep with the cuDNN dense pass) ...
           for ccfg in (ccfgs if impl == "cudnn" else ccfgs[:1]):
@@ -376,32 +382,26 @@ def jax_part(args):
                 colsum_backend="triton", interpret=interp))
             timed_row(f, (q, k, v), None, heads=heads, scale=scale,
                       impl=f"ours_colsum_{impl}", mask="dense+colsum", frac=1.0,
-                      config=f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
+                      config=colsum_tiles(ccfg, "triton"))
           # ... and the Hopper one (colsum_mgpu.py), after cuDNN's or our dense pass.
           if use_mgpu and impl != "pallas":
-            for mcfg in args.colsum_mgpu_tiles:
-              ccfg = ColsumConfig(dense=cfg_of["dense"], mosaic=mcfg)
-              mcfg = ccfg.mosaic_for(g_cs)
+            mgpu_ccfgs = [ColsumConfig(dense=cfg_of["dense"], mosaic=m)
+                          for m in args.colsum_mgpu_tiles]
+            for ccfg in mgpu_ccfgs:
               f = jax.jit(lambda q, k, v, impl=impl, ccfg=ccfg: dense_colsum_attention(
                   q, k, v, group_size=g_cs, dense_impl=impl, config=ccfg,
                   colsum_backend="mosaic"))
               timed_row(f, (q, k, v), None, heads=heads, scale=scale,
                         impl=f"ours_colsum_{impl}_mgpu", mask="dense+colsum", frac=1.0,
-                        config=f"{mcfg.block_q},{mcfg.block_kv},{mcfg.max_concurrent_steps}")
+                        config=colsum_tiles(ccfg, "mosaic"))
             if impl == "cudnn":  # the pass alone, on cuDNN's log-sum-exp
-              _, lse_bqh = jax.nn.dot_product_attention(q, k, v, implementation="cudnn",
-                                                        return_residual=True)
-              lse = jnp.transpose(lse_bqh.astype(jnp.float32), (0, 2, 1))
-              for ccfg, be in ((ccfgs[0], "triton"),
-                               *((ColsumConfig(mosaic=m or ColsumMosaicConfig.for_group(g_cs)),
-                                  "mosaic") for m in args.colsum_mgpu_tiles)):
+              _, lse = dense_attention_with_lse(q, k, v, dense_impl="cudnn")
+              for ccfg, be in ((ccfgs[0], "triton"), *((c, "mosaic") for c in mgpu_ccfgs)):
                 f = jax.jit(lambda q, k, lse, ccfg=ccfg, be=be: column_sums(
                     q, k, lse, group_size=g_cs, config=ccfg, backend=be))
-                tiles = (f"{ccfg.mosaic.block_q},{ccfg.mosaic.block_kv},"
-                         f"{ccfg.mosaic.max_concurrent_steps}" if be == "mosaic" else
-                         f"{ccfg.block_q},{ccfg.block_kv},{ccfg.num_warps},{ccfg.num_stages}")
                 timed_row(f, (q, k, lse), None, heads=heads, scale=scale,
-                          impl=f"colsum_pass_{be}", mask="dense+colsum", frac=1.0, config=tiles)
+                          impl=f"colsum_pass_{be}", mask="dense+colsum", frac=1.0,
+                          config=colsum_tiles(ccfg, be))
       run_round()
       del q, k, v, kb, vb
   np.savez(os.path.join(args.out, "masks.npz"), **masks_out)
