@@ -34,7 +34,7 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sparvar_jax import configs, schedules  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.families.infinity import InfinitySampling, infinity_generator  # pylint: disable=g-import-not-at-top
   from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
   from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
 
@@ -48,7 +48,7 @@ def main():
   model = Infinity(cfg, rngs=rngs, dtype=bf16, param_dtype=bf16, attn_impl=a.attn_impl)
   vae = BSQVAE(vcfg, rngs=rngs)
   sch = schedules.get_schedule(1.0, "1M")
-  gen = InfinityGenerator(model, vae, sch, 1,
+  gen = infinity_generator(model, vae, sch, 1,
                           InfinitySampling(cfg=a.cfg, tau=a.tau, top_k=900, top_p=0.97),
                           text_len=a.text_len, cache_dtype=bf16)
   build_s = time.perf_counter() - t0
@@ -59,7 +59,7 @@ def main():
   def once(seed, decode):
     t = time.perf_counter()
     res = gen(text, lens, seed=seed, decode=decode, sync_each_scale=False)
-    jax.block_until_ready(res.summed_codes_BHWd)
+    jax.block_until_ready(res.latent)
     return time.perf_counter() - t, res
 
   t = time.perf_counter()

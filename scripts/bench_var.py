@@ -34,7 +34,7 @@ def main():
   import numpy as np  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.families.var import VARSampling, var_generator  # pylint: disable=g-import-not-at-top
   from sparvar_jax.models.var import VAR  # pylint: disable=g-import-not-at-top
   from sparvar_jax.vae.var_vqvae import VQVAE  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +44,7 @@ def main():
   var = VAR(configs.var_config(a.depth), rngs=rngs, dtype=dtype, param_dtype=dtype,
             attn_impl=a.attn_impl)
   vae = VQVAE(configs.VQVAEConfig(), rngs=rngs)
-  gen = VARGenerator(var, vae, a.batch, VARSampling(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p),
+  gen = var_generator(var, vae, a.batch, VARSampling(cfg=a.cfg, top_k=a.top_k, top_p=a.top_p),
                      cache_dtype=dtype)
   build_s = time.perf_counter() - t0
   labels = (np.arange(a.batch) * 97) % 1000

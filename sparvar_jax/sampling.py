@@ -18,8 +18,8 @@ def validate(top_k: int, top_p: float, vocab_size: int | None = None) -> None:
     raise ValueError(f"top_k must be >= 0 (0 turns it off), got {top_k}")
   if vocab_size is not None and top_k > vocab_size:
     raise ValueError(f"top_k={top_k} exceeds the vocabulary size {vocab_size}")
-  if not 0.0 <= top_p < 1.0:
-    raise ValueError(f"top_p must be in [0, 1) (0 turns it off), got {top_p}")
+  if not 0.0 <= top_p <= 1.0:
+    raise ValueError(f"top_p must be in [0, 1] (0 and 1 keep every token), got {top_p}")
 
 
 def top_k_top_p_filter(logits_BlV: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:

@@ -1,4 +1,5 @@
-"""Infinity's resolution templates and scale schedules (`infinity/utils/dynamic_resolution.py`).
+"""Scale schedules: Infinity's resolution templates (`infinity/utils/dynamic_resolution.py`)
+and VAR's square `patch_nums`, as one `Schedule` type.
 
 A template is an aspect ratio h/w with a 13-step list of token grids (h, w); a 'pn'
 (pixel budget) takes the first 7/10/12/13 steps. Every token is 16x16 pixels (stride-16
@@ -140,6 +141,11 @@ def custom_schedule(scales, rope_hw=None, pn: str = "custom") -> Schedule:
   rope_hw = tuple(rope_hw) if rope_hw is not None else scales[-1]
   return Schedule(template=scales[-1][0] / scales[-1][1], pn=pn, scales=scales,
                   rope_hw=(int(rope_hw[0]), int(rope_hw[1])))
+
+
+def square_schedule(patch_nums, pn: str = "var") -> Schedule:
+  """VAR's `patch_nums` (square grids side x side) as a Schedule."""
+  return custom_schedule([(int(p), int(p)) for p in patch_nums], pn=pn)
 
 
 def vae_schedule(scales, patchify: bool) -> tuple[tuple[int, int], ...]:

@@ -17,7 +17,7 @@ from convert.infinity import ZERO_BUFFER, infer_infinity_config, infinity_rules,
 from sparvar_jax import schedules
 from sparvar_jax.checkpoint import load_into
 from sparvar_jax.configs import BSQVAEConfig
-from sparvar_jax.generate_infinity import (InfinityGenerator, InfinitySampling, bucket_text_len,
+from sparvar_jax.families.infinity import (InfinitySampling, bucket_text_len, infinity_generator,
                                            sample_bits)
 from sparvar_jax.models.infinity import Infinity, abstract_infinity
 from tests.reference.infinity_torch import InfinityRef, init_random_
@@ -113,7 +113,7 @@ def test_kv_cached_steps_equal_teacher_forcing():
     for si in range(sch.num_scales):
       a, b = sch.offsets[si], sch.offsets[si + 1]
       inp = m.sos(cond) if si == 0 else m.embed_input(x[:, a - 1:b - 1])
-      lg, cache = m.scale_step(si, sch, inp, cond, gss, ca_k, ca_v, k, cache)
+      lg, cache, _ = m.scale_step(si, sch, inp, cond, gss, ca_k, ca_v, k, cache)
       outs.append(lg)
     return jnp.concatenate(outs, axis=1)
 
@@ -132,7 +132,7 @@ def test_greedy_cfg_generation_matches_reference(patchify, negative):
   cfgs = [3.0, 2.5, 1.0, 4.0]
   taus = [1.0, 0.5, 0.7, 1.3]
   neg = text(7, lens=(6,)) if negative else None
-  gen = InfinityGenerator(jm, vae_for(16, patchify), sch, 2,
+  gen = infinity_generator(jm, vae_for(16, patchify), sch, 2,
                           InfinitySampling(cfg=cfgs, tau=taus, top_k=1, top_p=0.0),
                           text_len=TEXT_LEN)
   res = gen(feats, lens, seed=0, negative=neg, return_logits=True, decode=False)
@@ -142,12 +142,12 @@ def test_greedy_cfg_generation_matches_reference(patchify, negative):
   lo, bits, summed = tm.generate(torch_text(feats, lens), sch.scales, sch.rope_hw, cfg=cfgs,
                                  tau=taus, patchify=patchify, neg_kv_list=neg_t)
   for si in range(sch.num_scales):
-    np.testing.assert_array_equal(res.bits_per_scale[si], bits[si].numpy(), err_msg=f"scale {si}")
+    np.testing.assert_array_equal(res.tokens_per_scale[si], bits[si].numpy(), err_msg=f"scale {si}")
     assert rel(res.logits_per_scale[si], lo[si].numpy()) <= 1e-5, si
-  np.testing.assert_allclose(res.summed_codes_BHWd, summed.permute(0, 2, 3, 1).numpy(),
+  np.testing.assert_allclose(res.latent, summed.permute(0, 2, 3, 1).numpy(),
                              rtol=0, atol=1e-6)
   dv = 4 if patchify else 16
-  assert res.summed_codes_BHWd.shape[-1] == dv
+  assert res.latent.shape[-1] == dv
 
 
 def test_seeds_forced_bits_bf16_and_cfg1(pair):
@@ -155,31 +155,31 @@ def test_seeds_forced_bits_bf16_and_cfg1(pair):
   sch = schedules.custom_schedule([(1, 1), (2, 2), (3, 3)], rope_hw=(6, 6))
   feats, lens = text(8)
   s = InfinitySampling(cfg=2.0, top_k=0, top_p=0.9)
-  gen = InfinityGenerator(jm, vae_for(16), sch, 2, s, text_len=TEXT_LEN)
+  gen = infinity_generator(jm, vae_for(16), sch, 2, s, text_len=TEXT_LEN)
   a = gen(feats, lens, seed=3, return_logits=True, decode=False)
   a2 = gen(feats, lens, seed=3, decode=False)
   c = gen(feats, lens, seed=4, decode=False)
   for si in range(3):
-    np.testing.assert_array_equal(a.bits_per_scale[si], a2.bits_per_scale[si])
-  assert any((a.bits_per_scale[si] != c.bits_per_scale[si]).any() for si in range(3))
+    np.testing.assert_array_equal(a.tokens_per_scale[si], a2.tokens_per_scale[si])
+  assert any((a.tokens_per_scale[si] != c.tokens_per_scale[si]).any() for si in range(3))
   # bf16 compute with the fp32 run's bits forced: close logits, fp32 outputs.
   bf = abstract_infinity(jm.cfg, jnp.bfloat16, bf16_cross_attn=True)
   load_into(bf, nnx.to_pure_dict(nnx.state(jm, nnx.Param)))
-  rb = InfinityGenerator(bf, vae_for(16), sch, 2, s, text_len=TEXT_LEN)(
-      feats, lens, forced_bits=a.bits_per_scale, return_logits=True, max_scales=2)
+  rb = infinity_generator(bf, vae_for(16), sch, 2, s, text_len=TEXT_LEN)(
+      feats, lens, forced=a.tokens_per_scale, return_logits=True, max_scales=2)
   for si in range(2):
-    np.testing.assert_array_equal(rb.bits_per_scale[si], a.bits_per_scale[si])
+    np.testing.assert_array_equal(rb.tokens_per_scale[si], a.tokens_per_scale[si])
     assert rb.logits_per_scale[si].dtype == np.float32
     assert rel(rb.logits_per_scale[si], a.logits_per_scale[si]) < 0.05
   # cfg = 1 everywhere: no unconditional rows (official bs = B); the logits are the
   # conditional ones, which the reference's doubled batch gives for cfg = 1.
-  g1 = InfinityGenerator(jm, vae_for(16), sch, 2, InfinitySampling(cfg=1.0, top_k=1),
+  g1 = infinity_generator(jm, vae_for(16), sch, 2, InfinitySampling(cfg=1.0, top_k=1),
                          text_len=TEXT_LEN)
-  assert not g1.use_cfg
+  assert not g1.adapter.uses_cfg
   r1 = g1(feats, lens, return_logits=True, decode=False)
   lo, bits, _ = tm.generate(torch_text(feats, lens), sch.scales, sch.rope_hw, cfg=1.0)
   for si in range(3):
-    np.testing.assert_array_equal(r1.bits_per_scale[si], bits[si].numpy())
+    np.testing.assert_array_equal(r1.tokens_per_scale[si], bits[si].numpy())
     assert rel(r1.logits_per_scale[si], lo[si].numpy()) <= 1e-5
 
 
@@ -213,14 +213,14 @@ def test_generator_input_errors(pair):
   sch = schedules.custom_schedule([(1, 1), (2, 2)])
   vae = vae_for(16)
   with pytest.raises(ValueError, match="one per scale"):
-    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(cfg=[3.0]))
+    infinity_generator(jm, vae, sch, 1, InfinitySampling(cfg=[3.0]))
   with pytest.raises(ValueError, match="tau must be > 0"):
-    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(tau=0.0))
+    infinity_generator(jm, vae, sch, 1, InfinitySampling(tau=0.0))
   with pytest.raises(ValueError, match="top_p"):
-    InfinityGenerator(jm, vae, sch, 1, InfinitySampling(top_p=1.5))
+    infinity_generator(jm, vae, sch, 1, InfinitySampling(top_p=1.5))
   with pytest.raises(ValueError, match="do not belong together"):
-    InfinityGenerator(jm, vae_for(32), sch, 1, InfinitySampling())
-  gen = InfinityGenerator(jm, vae, sch, 2, InfinitySampling(), text_len=8)
+    infinity_generator(jm, vae_for(32), sch, 1, InfinitySampling())
+  gen = infinity_generator(jm, vae, sch, 2, InfinitySampling(), text_len=8)
   feats, _ = text(9)
   with pytest.raises(ValueError, match="lengths must be in"):
     gen(feats, [5, 9], decode=False)
@@ -240,21 +240,23 @@ def test_real_sizes_trace(which):
   m = abstract_infinity(cfg, jnp.bfloat16, param_dtype=jnp.bfloat16)
   vae = nnx.eval_shape(lambda: BSQVAE(vcfg, rngs=nnx.Rngs(0)))
   sch = schedules.get_schedule(1.0, "1M")
-  gen = InfinityGenerator(m, vae, sch, 1, InfinitySampling(), text_len=64,
+  gen = infinity_generator(m, vae, sch, 1, InfinitySampling(), text_len=64,
                           cache_dtype=jnp.bfloat16)
   S = jax.ShapeDtypeStruct
   t = S((1, 64, 2048), jnp.float32)
   k = S((1, 64), jnp.bool_)
-  x, cond, gss, ca_k, ca_v, mask, cache, summed = jax.eval_shape(gen._begin, gen._mstate, t, k, t, k)
+  ctx, x, cache, summed = jax.eval_shape(gen._begin, gen._mstate, gen._vstate, (t, k, t, k))
   assert cache.k.shape == (cfg.depth, 2, 10521, cfg.num_heads, 128)
-  assert ca_k.shape == (cfg.depth, 2, 64, cfg.num_heads, 128)
+  assert ctx.ca_k.shape == (cfg.depth, 2, 64, cfg.num_heads, 128)
   assert summed.shape == (1, 64 * vae.patch, 64 * vae.patch, vcfg.codebook_dim)
   last = sch.num_scales - 1
-  bits, _, x_next, cache2, summed2 = jax.eval_shape(
-      gen._step(last, False, False), gen._mstate, S((2, 4096, cfg.embed_dim), jnp.float32), cond,
-      gss, ca_k, ca_v, mask, cache, summed, jax.random.key(0), 3.0, 1.0, None)
+  keys = jax.eval_shape(lambda: jax.random.split(jax.random.key(0), 1))
+  scalars = (jnp.float32(3.0), jnp.float32(1.0))
+  bits, _, x_next, cache2, summed2, _ = jax.eval_shape(
+      gen._step(last, False, False, 2), gen._mstate, gen._vstate,
+      S((2, 4096, cfg.embed_dim), jnp.float32), ctx, cache, summed, None, keys, scalars, None)
   assert bits.shape == (1, 4096, cfg.d_vae) and x_next is None
   assert cache2.k.shape == cache.k.shape and summed2.shape == summed.shape
-  _, _, x1, _, _ = jax.eval_shape(gen._step(0, False, False), gen._mstate, x, cond, gss, ca_k,
-                                  ca_v, mask, cache, summed, jax.random.key(0), 3.0, 1.0, None)
+  _, _, x1, _, _, _ = jax.eval_shape(gen._step(0, False, False, 2), gen._mstate, gen._vstate, x,
+                                     ctx, cache, summed, None, keys, scalars, None)
   assert x1.shape == (2, 4, cfg.embed_dim)

@@ -60,14 +60,14 @@ def test_cli_round_trip_and_load(d32, tmp_path):
                                 sd["text_proj_for_sos.ca.mat_q"].numpy()[0])
   # End to end on the converted directory: a short schedule, sampled, decoded.
   from sparvar_jax import schedules
-  from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling
+  from sparvar_jax.families.infinity import InfinitySampling, infinity_generator
   sch = schedules.custom_schedule([(1, 1), (2, 2)], rope_hw=(64, 64))
-  gen = InfinityGenerator(model, vae, sch, 1, InfinitySampling(cfg=3.0, tau=0.5), text_len=8)
+  gen = infinity_generator(model, vae, sch, 1, InfinitySampling(cfg=3.0, tau=0.5), text_len=8)
   feats = np.random.default_rng(0).standard_normal((1, 5, 256)).astype(np.float32)
   res = gen(feats, [5], seed=1, progress=lambda si, n, sec: seen.append((si, n)))
   assert res.image_BHW3.shape == (1, 32, 32, 3) and np.isfinite(res.image_BHW3).all()
   assert res.image_BHW3.min() >= 0 and res.image_BHW3.max() <= 1 and res.image_BHW3.std() > 0
-  assert [b.shape for b in res.bits_per_scale] == [(1, 1, 32), (1, 4, 32)]
+  assert [b.shape for b in res.tokens_per_scale] == [(1, 1, 32), (1, 4, 32)]
   meta = json.load(open(os.path.join(out, "config.json")))["meta"]
   assert meta["strict_keys"] and meta["cfg_uncond_rows_in_checkpoint"] == 512
   p = _cli("--model", d32[0], "--vae", d32[1], "--out", out)  # exists, no --overwrite

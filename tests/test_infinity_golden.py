@@ -24,7 +24,7 @@ from flax import nnx
 from convert.infinity import convert_trees
 from sparvar_jax import configs, schedules
 from sparvar_jax.checkpoint import load_into
-from sparvar_jax.generate_infinity import InfinityGenerator, InfinitySampling
+from sparvar_jax.families.infinity import InfinitySampling, infinity_generator
 from sparvar_jax.models.infinity import abstract_infinity
 from sparvar_jax.vae.bsq import BSQVAE
 from tests.conftest import golden_dir
@@ -107,13 +107,13 @@ def test_generation_official_numerics(name):
   sch = schedule_of(meta, "generation")
   st = gm["settings"]
   assert st["top_k"] == 1 and st["cfg_insertion_layer"] == [0]
-  gen = InfinityGenerator(models[True], vae, sch, 2,
+  gen = infinity_generator(models[True], vae, sch, 2,
                           InfinitySampling(cfg=st["cfg"], tau=st["tau"], top_k=1, top_p=0.0),
                           text_len=TEXT_LEN)
   offs = sch.offsets
   bits = g["gen_bits_BLd"]
   forced = [bits[:, offs[i]:offs[i + 1]] for i in range(sch.num_scales)]
-  res = gen(feats, lens, forced_bits=forced, return_logits=True, decode=False)
+  res = gen(feats, lens, forced=forced, return_logits=True, decode=False)
   want = g["gen_logits_BLd2"]
   got = np.concatenate(res.logits_per_scale, axis=1)
   err = np.abs(got - want)
@@ -124,7 +124,7 @@ def test_generation_official_numerics(name):
   sure = np.abs(margin) > 2 * max(per_scale)
   assert sure.mean() > 0.98
   np.testing.assert_array_equal((got[..., 1] > got[..., 0])[sure], bits.astype(bool)[sure])
-  np.testing.assert_allclose(res.summed_codes_BHWd, g["gen_summed_codes_BdHW"].transpose(0, 2, 3, 1),
+  np.testing.assert_allclose(res.latent, g["gen_summed_codes_BdHW"].transpose(0, 2, 3, 1),
                              rtol=0, atol=1e-5)
   # Free run (no forcing): identical bits on the leading scales whose recorded minimum
   # margin exceeds twice our logit error there.
@@ -135,7 +135,7 @@ def test_generation_official_numerics(name):
   assert k >= 1
   free = gen(feats, lens, max_scales=k, decode=False)
   for si in range(k):
-    np.testing.assert_array_equal(free.bits_per_scale[si], forced[si], err_msg=f"scale {si}")
+    np.testing.assert_array_equal(free.tokens_per_scale[si], forced[si], err_msg=f"scale {si}")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -147,13 +147,13 @@ def test_forced_generation_fp32_variant(name):
   # non-integer 64 -> 6 and 64 -> 12 resizes) keep this test short.
   n = 7
   st = gm["settings"]
-  gen = InfinityGenerator(models[False], vae, sch, 2,
+  gen = infinity_generator(models[False], vae, sch, 2,
                           InfinitySampling(cfg=st["cfg"], tau=st["tau"], top_k=1, top_p=0.0),
                           text_len=TEXT_LEN)
   offs = sch.offsets
   bits = g["gen_bits_BLd"]
   forced = [bits[:, offs[i]:offs[i + 1]] for i in range(n)]
-  res = gen(feats, lens, forced_bits=forced, return_logits=True, max_scales=n, decode=False)
+  res = gen(feats, lens, forced=forced, return_logits=True, max_scales=n, decode=False)
   got = np.concatenate(res.logits_per_scale, axis=1)
   want = g["variant_fp32ca_gen_forced_logits_BLd2_first_tf_scales"][:, :offs[n]]
   assert got.shape == want.shape

@@ -82,7 +82,7 @@ def test_cosine_self_attention_matches_torch_formula():
   a.scale_mul_H[...] = jnp.array([1.0, 5.0])  # 5 > log(100): clamped
   x = np.random.default_rng(4).normal(size=(2, 6, C)).astype(np.float32)
   mask = nn.block_causal_mask((1, 1, 2))
-  y, _ = a(jnp.asarray(x), mask=mask)
+  y, _, _ = a(jnp.asarray(x), mask=mask)
   W = torch.tensor(np.asarray(a.mat_qkv.kernel[...]))
   b = torch.cat([torch.tensor(np.asarray(a.q_bias[...])), torch.zeros(C),
                  torch.tensor(np.asarray(a.v_bias[...]))])

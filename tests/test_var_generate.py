@@ -24,18 +24,18 @@ def converted(tmp_path_factory):
 
 
 def test_greedy_cfg_matches_official(converted):
-  from sparvar_jax.generate import VARGenerator, VARSampling
+  from sparvar_jax.families.var import VARSampling, var_generator
   from sparvar_jax.models.var import load_var
   g, out = converted
   meta = json.load(open(os.path.join(g, "meta.json")))
   gold = np.load(os.path.join(g, "golden.npz"))
   s = meta["sampling"]
   var, vae = load_var(out)
-  gen = VARGenerator(var, vae, batch=s["batch"],
+  gen = var_generator(var, vae, batch=s["batch"],
                      settings=VARSampling(cfg=s["cfg"], top_k=s["top_k"], top_p=s["top_p"],
                                           more_smooth=s["more_smooth"]))
   res = gen(np.asarray(s["labels"]), seed=0)
-  for si, idx in enumerate(res.idx_per_scale):
+  for si, idx in enumerate(res.tokens_per_scale):
     np.testing.assert_array_equal(idx, gold[f"greedy_idx_scale{si}"], err_msg=f"scale {si}")
   ref_img = gold["greedy_cfg1p5_image_B3HW_0_1"].transpose(0, 2, 3, 1)
   err = np.abs(res.image_BHW3 - ref_img).max()
@@ -77,7 +77,7 @@ def test_greedy_cfg_matches_torch_reference(tmp_path, shared_aln):
   PyTorch reference of the whole loop (VAR + VQVAE): same tokens, same image."""
   import torch
   from convert import var as convert_var
-  from sparvar_jax.generate import VARGenerator, VARSampling
+  from sparvar_jax.families.var import VARSampling, var_generator
   from sparvar_jax.models.var import load_var
   from tests.reference import var_torch, var_vqvae_torch
   torch.manual_seed(0)
@@ -92,9 +92,9 @@ def test_greedy_cfg_matches_torch_reference(tmp_path, shared_aln):
   ref_idx, ref_img = _torch_greedy_cfg(var_t, vae_t, labels, cfg=4.0)
   var, vae = load_var(str(tmp_path / "ck"))
   assert var.cfg.shared_aln == shared_aln
-  res = VARGenerator(var, vae, batch=3, settings=VARSampling(cfg=4.0, top_k=1, top_p=0.0))(
+  res = var_generator(var, vae, batch=3, settings=VARSampling(cfg=4.0, top_k=1, top_p=0.0))(
       labels, seed=0)
-  for si, (a, b) in enumerate(zip(res.idx_per_scale, ref_idx)):
+  for si, (a, b) in enumerate(zip(res.tokens_per_scale, ref_idx)):
     np.testing.assert_array_equal(a, b, err_msg=f"scale {si}")
   assert len(set(np.concatenate([i.ravel() for i in ref_idx]).tolist())) > 5  # not degenerate
   assert np.abs(res.image_BHW3 - ref_img).max() <= 1e-4
@@ -102,11 +102,11 @@ def test_greedy_cfg_matches_torch_reference(tmp_path, shared_aln):
 
 def test_more_smooth_and_top_p_paths_run(converted):
   """The Gumbel (`more_smooth`) and top-k/top-p paths: finite images, seed-deterministic."""
-  from sparvar_jax.generate import VARGenerator, VARSampling
+  from sparvar_jax.families.var import VARSampling, var_generator
   from sparvar_jax.models.var import load_var
   _, out = converted
   var, vae = load_var(out)
-  gen = VARGenerator(var, vae, batch=2,
+  gen = var_generator(var, vae, batch=2,
                      settings=VARSampling(cfg=1.5, top_k=50, top_p=0.9, more_smooth=True))
   a = gen([1, 2], seed=3)
   b = gen([1, 2], seed=3)
@@ -122,7 +122,7 @@ def test_more_smooth_uses_the_filtered_logits():
   soft weights are one-hot at the argmax: more_smooth must give the greedy result."""
   from flax import nnx
   from sparvar_jax import configs
-  from sparvar_jax.generate import VARGenerator, VARSampling
+  from sparvar_jax.families.var import VARSampling, var_generator
   from sparvar_jax.models.var import VAR
   from sparvar_jax.vae.var_vqvae import VQVAE
   import dataclasses
@@ -130,10 +130,10 @@ def test_more_smooth_uses_the_filtered_logits():
   var = VAR(dataclasses.replace(configs.VAR_TINY, patch_nums=pns), rngs=nnx.Rngs(0))
   vae = VQVAE(configs.VQVAEConfig(vocab_size=512, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                                   patch_nums=pns), rngs=nnx.Rngs(1))
-  greedy = VARGenerator(var, vae, batch=2, settings=VARSampling(cfg=2.0, top_k=1, top_p=0.0))
-  smooth = VARGenerator(var, vae, batch=2,
+  greedy = var_generator(var, vae, batch=2, settings=VARSampling(cfg=2.0, top_k=1, top_p=0.0))
+  smooth = var_generator(var, vae, batch=2,
                         settings=VARSampling(cfg=2.0, top_k=1, top_p=0.0, more_smooth=True))
   a, b = greedy([3, 7], seed=0), smooth([3, 7], seed=0)
-  for si, (ia, ib) in enumerate(zip(a.idx_per_scale, b.idx_per_scale)):
+  for si, (ia, ib) in enumerate(zip(a.tokens_per_scale, b.tokens_per_scale)):
     np.testing.assert_array_equal(ia, ib, err_msg=f"scale {si}")
   np.testing.assert_array_equal(a.image_BHW3, b.image_BHW3)

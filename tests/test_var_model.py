@@ -83,7 +83,7 @@ def _cached_logits_jax(m: VAR, labels, x) -> list[np.ndarray]:
     pn = cfg.patch_nums[si]
     x_BlC = (m.first_input(cond) if si == 0 else
              m.next_input(si, jnp.asarray(x[:, bg - 1:ed - 1]).reshape(B, pn, pn, -1)))
-    logits, cache = step(m, si, x_BlC, cond, cache)
+    logits, cache, _ = step(m, si, x_BlC, cond, cache)
     out.append(np.asarray(logits))
   return out
 

@@ -29,6 +29,9 @@ from flax import nnx
 from sparvar_jax.configs import InfinityConfig
 from sparvar_jax.nn import AdaLin, AdaLNBeforeHead, FFN, KVCache, SelfAttention
 from sparvar_jax.nn import modulate, scan_layers, stack_modules, unbind_chunks
+from sparvar_jax.nn.attention import DENSE
+from sparvar_jax.nn.stack import AllLayers as _AllLayers
+from sparvar_jax.nn.stack import scan_layer_range
 from sparvar_jax.nn.cross_attention import CrossAttention
 from sparvar_jax.nn.rope import apply_rope2d, rope2d_table
 from sparvar_jax.schedules import Schedule
@@ -80,20 +83,22 @@ class CrossAttnBlock(nnx.Module):
     self.ffn = FFN(C, cfg.mlp_hidden, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_BLC, gss_B6C, ca_k, ca_v, text_mask_BT, *, rope_2Lk, mask=None,
-               cache: KVCache | None = None, layer=0, offset: int = 0):
-    """-> (x_BLC fp32, cache)."""
+               cache: KVCache | None = None, layer=0, offset: int = 0, attend=DENSE,
+               attn_state=None):
+    """-> (x_BLC fp32, cache, attn_out); `attend` / `attn_state` as in SelfAttention."""
     g1, g2, s1, s2, b1, b2 = unbind_chunks(self.ada_gss[...][None] + gss_B6C)
 
     def rope(q, k):
       return apply_rope2d(q, rope_2Lk), apply_rope2d(k, rope_2Lk)
 
     h = modulate(x_BLC, s1, b1, self.eps).astype(self.dtype)
-    h, cache = self.sa(h, mask=mask, cache=cache, layer=layer, offset=offset, rope=rope)
+    h, cache, attn_out = self.sa(h, mask=mask, cache=cache, layer=layer, offset=offset,
+                                 rope=rope, attend=attend, attn_state=attn_state)
     x_BLC = x_BLC + h.astype(jnp.float32) * g1
     h = self.ca(self.ca_norm(x_BLC), ca_k, ca_v, text_mask_BT)
     x_BLC = x_BLC + h.astype(jnp.float32)
     h = self.ffn(modulate(x_BLC, s2, b2, self.eps).astype(self.dtype))
-    return x_BLC + h.astype(jnp.float32) * g2, cache
+    return x_BLC + h.astype(jnp.float32) * g2, cache, attn_out
 
 
 class Infinity(nnx.Module):
@@ -163,19 +168,32 @@ class Infinity(nnx.Module):
 
   # ---------------------------------------------------------------- blocks
 
-  def _run_blocks(self, x_BLC, gss, ca_k, ca_v, text_mask_BT, rope_2Lk, mask, cache, offset):
-    N = self.cfg.depth
+  def _run_blocks(self, x_BLC, gss, ca_k, ca_v, text_mask_BT, rope_2Lk, mask, cache, offset,
+                  segments=None, sparse=None):
+    """All blocks, one lax.scan per plan segment -> (x_BLC, cache, sparse state).
 
-    def body(blk, carry, xs):
-      x, cache = carry
-      i, k, v = xs
-      x, cache = blk(x, gss, k, v, text_mask_BT, rope_2Lk=rope_2Lk, mask=mask, cache=cache,
-                     layer=i, offset=offset)
-      return (x, cache), None
+    segments: the scale's plan segments (`.start`, `.stop`, `.attend`); None runs every
+    layer dense. A segment whose attention consumes sparse state scans over `sparse`
+    (leading axis = its layers); one that produces it returns the new state."""
+    segments = segments or (_AllLayers(self.cfg.depth),)
+    for seg in segments:
+      attend = seg.attend
 
-    (x_BLC, cache), _ = scan_layers(self.blocks, body, (x_BLC, cache),
-                                    (jnp.arange(N), ca_k, ca_v))
-    return x_BLC, cache
+      def body(blk, carry, i, st, attend=attend):
+        x, cache = carry
+        k = jax.lax.dynamic_index_in_dim(ca_k, i, 0, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(ca_v, i, 0, keepdims=False)
+        x, cache, out = blk(x, gss, k, v, text_mask_BT, rope_2Lk=rope_2Lk, mask=mask,
+                            cache=cache, layer=i, offset=offset, attend=attend,
+                            attn_state=st)
+        return (x, cache), out
+
+      xs = sparse if attend.consumes_state else None
+      (x_BLC, cache), ys = scan_layer_range(self.blocks, seg.start, seg.stop, body,
+                                            (x_BLC, cache), xs)
+      if attend.produces_state:
+        sparse = ys
+    return x_BLC, cache, sparse
 
   def forward(self, text_BTK, text_mask_BT, x_BLd_wo_prefix, schedule: Schedule):
     """Teacher forcing (official `Infinity.forward`): logits [B, L, 2d] fp32.
@@ -194,7 +212,7 @@ class Infinity(nnx.Module):
     rope = rope2d_table(self.cfg.head_dim, schedule.scales, schedule.rope_hw,
                         self.cfg.rope_max_hw, self.cfg.rope_theta)
     ca_k, ca_v = self.block_text_kv(ca_kv)
-    x, _ = self._run_blocks(x, gss, ca_k, ca_v, text_mask_BT, rope, mask, None, 0)
+    x, _, _ = self._run_blocks(x, gss, ca_k, ca_v, text_mask_BT, rope, mask, None, 0)
     return self.logits(x, cond_BD)
 
   def init_cache(self, batch: int, schedule: Schedule, dtype=None, pad_to: int = 1) -> KVCache:
@@ -202,9 +220,10 @@ class Infinity(nnx.Module):
                          self.cfg.head_dim, dtype or self.dtype, pad_to)
 
   def scale_step(self, si: int, schedule: Schedule, x_BlC, cond_BD, gss, ca_k, ca_v,
-                 text_mask_BT, cache: KVCache):
+                 text_mask_BT, cache: KVCache, segments=None, sparse=None):
     """One scale with the KV cache (si static): x_BlC (embedded input) -> (logits
-    [B, l, 2d] fp32, cache). Adds the level embedding itself."""
+    [B, l, 2d] fp32, cache, sparse state). Adds the level embedding itself. segments /
+    sparse: the scale's attention plan and SparVAR state (see `_run_blocks`)."""
     start = schedule.offsets[si]
     l = schedule.lengths[si]
     if x_BlC.shape[1] != l:
@@ -212,8 +231,9 @@ class Infinity(nnx.Module):
     rope = rope2d_table(self.cfg.head_dim, schedule.scales, schedule.rope_hw,
                         self.cfg.rope_max_hw, self.cfg.rope_theta)[:, start:start + l]
     x = x_BlC.astype(jnp.float32) + self.lvl_embed.embedding[...][si]
-    x, cache = self._run_blocks(x, gss, ca_k, ca_v, text_mask_BT, rope, None, cache, start)
-    return self.logits(x, cond_BD), cache
+    x, cache, sparse = self._run_blocks(x, gss, ca_k, ca_v, text_mask_BT, rope, None, cache,
+                                        start, segments, sparse)
+    return self.logits(x, cond_BD), cache, sparse
 
 
 def abstract_infinity(cfg: InfinityConfig, dtype=jnp.float32, *, param_dtype=jnp.float32,

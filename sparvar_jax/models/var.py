@@ -36,7 +36,8 @@ from sparvar_jax.nn.attention import block_causal_mask
 from sparvar_jax.nn.ffn import FFN
 from sparvar_jax.nn.kv_cache import KVCache
 from sparvar_jax.nn.self_attention import SelfAttention
-from sparvar_jax.nn.stack import scan_layers, stack_modules
+from sparvar_jax.nn.attention import DENSE
+from sparvar_jax.nn.stack import AllLayers, scan_layer_range, stack_modules
 
 F32 = jnp.float32
 
@@ -80,21 +81,23 @@ class AdaLNSelfAttn(nnx.Module):
       self.ada_lin = adaln.AdaLin(C, C, 6, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
   def __call__(self, x_BLC, cond, *, mask=None, cache: KVCache | None = None, layer=0,
-               offset: int = 0):
+               offset: int = 0, attend=DENSE, attn_state=None):
     """x_BLC fp32; cond: cond_BD, or the shared gss [B, 6, C] when shared_aln.
+    `attend` / `attn_state`: the layer's attention kind and sparse state (SelfAttention).
 
-    Returns (x_BLC fp32, cache)."""
+    Returns (x_BLC fp32, cache, attn_out)."""
     if self.shared_aln:
       gss_B6C = self.ada_gss[...].astype(F32)[None] + cond.astype(F32)
     else:
       gss_B6C = self.ada_lin(cond).astype(F32)
     gamma1, gamma2, scale1, scale2, shift1, shift2 = adaln.unbind_chunks(gss_B6C)
     h_BLC = adaln.modulate(x_BLC, scale1, shift1, self.eps).astype(self.dtype)
-    a_BLC, cache = self.attn(h_BLC, mask=mask, cache=cache, layer=layer, offset=offset)
+    a_BLC, cache, attn_out = self.attn(h_BLC, mask=mask, cache=cache, layer=layer,
+                                       offset=offset, attend=attend, attn_state=attn_state)
     x_BLC = x_BLC + a_BLC.astype(F32) * gamma1
     h_BLC = adaln.modulate(x_BLC, scale2, shift2, self.eps).astype(self.dtype)
     x_BLC = x_BLC + self.ffn(h_BLC).astype(F32) * gamma2
-    return x_BLC, cache
+    return x_BLC, cache, attn_out
 
 
 class VAR(nnx.Module):
@@ -162,18 +165,28 @@ class VAR(nnx.Module):
   # -- trunk and head -----------------------------------------------------------------
 
   def blocks_forward(self, x_BLC, cond_BD, *, mask=None, cache: KVCache | None = None,
-                     offset: int = 0):
-    """All layers under lax.scan -> (x_BLC fp32, cache)."""
+                     offset: int = 0, segments=None, sparse=None):
+    """All layers, one lax.scan per attention-plan segment -> (x_BLC fp32, cache, sparse).
+
+    segments: the scale's plan segments (`.start`, `.stop`, `.attend`), None = every layer
+    dense; sparse: the SparVAR state the segments consume or produce."""
     cond = self.shared_ada_lin(cond_BD) if self.cfg.shared_aln else cond_BD
+    x_BLC = x_BLC.astype(F32)
+    for seg in segments or (AllLayers(self.cfg.depth),):
+      attend = seg.attend
 
-    def body(blk, carry, layer):
-      x, c = carry
-      x, c = blk(x, cond, mask=mask, cache=c, layer=layer, offset=offset)
-      return (x, c), None
+      def body(blk, carry, i, st, attend=attend):
+        x, c = carry
+        x, c, out = blk(x, cond, mask=mask, cache=c, layer=i, offset=offset, attend=attend,
+                        attn_state=st)
+        return (x, c), out
 
-    (x_BLC, cache), _ = scan_layers(self.blocks, body, (x_BLC.astype(F32), cache),
-                                    jnp.arange(self.cfg.depth))
-    return x_BLC, cache
+      xs = sparse if attend.consumes_state else None
+      (x_BLC, cache), ys = scan_layer_range(self.blocks, seg.start, seg.stop, body,
+                                            (x_BLC, cache), xs)
+      if attend.produces_state:
+        sparse = ys
+    return x_BLC, cache, sparse
 
   def logits(self, x_BLC: jax.Array, cond_BD: jax.Array) -> jax.Array:
     """head(head_nm(x, cond)) in fp32 -> logits_BLV."""
@@ -195,7 +208,7 @@ class VAR(nnx.Module):
     x_BLC = jnp.concatenate([sos_BlC + self.pos_start[...],
                              self.word_embed(x_BLCv.astype(F32))], axis=1)
     x_BLC = x_BLC + self.lvl_pos()
-    x_BLC, _ = self.blocks_forward(x_BLC, cond_BD, mask=_mask_LL(cfg.patch_nums))
+    x_BLC, _, _ = self.blocks_forward(x_BLC, cond_BD, mask=_mask_LL(cfg.patch_nums))
     return self.logits(x_BLC, cond_BD)
 
   def init_cache(self, batch: int, dtype=None, *, pad_to: int = 128) -> KVCache:
@@ -204,14 +217,17 @@ class VAR(nnx.Module):
     return KVCache.zeros(cfg.depth, batch, cfg.seq_len, cfg.num_heads, cfg.head_dim,
                          self.dtype if dtype is None else dtype, pad_to=pad_to)
 
-  def scale_step(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, cache: KVCache):
+  def scale_step(self, si: int, x_BlC: jax.Array, cond_BD: jax.Array, cache: KVCache,
+                 segments=None, sparse=None):
     """One scale (static si): writes its k/v at the scale's offset, attends to the whole
-    prefix [0, end_si) without a mask -> (logits_BlV fp32, cache)."""
+    prefix [0, end_si) without a mask -> (logits_BlV fp32, cache, sparse state).
+    segments / sparse: the scale's attention plan and SparVAR state (`blocks_forward`)."""
     bg, ed = begin_ends(self.cfg.patch_nums)[si]
     if x_BlC.shape[1] != ed - bg:
       raise ValueError(f"scale {si} has {ed - bg} tokens, got x_BlC {x_BlC.shape}")
-    x_BlC, cache = self.blocks_forward(x_BlC, cond_BD, cache=cache, offset=bg)
-    return self.logits(x_BlC, cond_BD), cache
+    x_BlC, cache, sparse = self.blocks_forward(x_BlC, cond_BD, cache=cache, offset=bg,
+                                               segments=segments, sparse=sparse)
+    return self.logits(x_BlC, cond_BD), cache, sparse
 
 
 def abstract_var(cfg: VARConfig, dtype=F32, *, param_dtype=F32, attn_impl: str = "xla") -> VAR:

@@ -96,6 +96,40 @@ register_attention_impl("cudnn", attention_cudnn)
 register_attention_impl("mosaic", attention_mosaic)
 
 
+class DenseAttention:
+  """Plain attention over the valid keys: the default for every layer of every scale.
+
+  Called by `SelfAttention` as `attend(q, k_buf, v_buf, kv_len, state, scale=, impl=,
+  mask=)` -> (o_BLHc, state_out), the interface every layer-attention kind of an
+  attention plan has (sparvar_jax/sparse/plan.py): k_buf/v_buf may hold rows past kv_len
+  (the padded KV cache) that must not be attended. `consumes_state` / `produces_state` say
+  whether the layer reads or writes per-layer sparse state (SparVAR's decision indices).
+  """
+
+  kind = "dense"
+  consumes_state = False
+  produces_state = False
+
+  def __call__(self, q_BLHc, k_BSHc, v_BSHc, kv_len: int, state=None, *, scale: float,
+               impl: str, mask=None):
+    del state
+    if k_BSHc.shape[1] != kv_len:
+      k_BSHc, v_BSHc = k_BSHc[:, :kv_len], v_BSHc[:, :kv_len]
+    return attention(q_BLHc, k_BSHc, v_BSHc, mask=mask, scale=scale, impl=impl), None
+
+  def __eq__(self, other):
+    return type(other) is DenseAttention
+
+  def __hash__(self):
+    return hash(DenseAttention)
+
+  def __repr__(self):
+    return "DenseAttention()"
+
+
+DENSE = DenseAttention()
+
+
 def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
   """VAR's training mask as bool [L, L]: query at scale i sees keys of scales <= i."""
   lvl_L = np.concatenate([np.full(pn * pn, i) for i, pn in enumerate(patch_nums)])

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sparvar_jax.nn.attention import attention
+from sparvar_jax.nn.attention import DENSE
 from sparvar_jax.nn.kv_cache import KVCache
 from sparvar_jax.nn.norm import l2_normalize
 
@@ -70,18 +70,24 @@ class SelfAttention(nnx.Module):
 
   def __call__(self, x_BLC: jax.Array, *, mask=None, cache: KVCache | None = None,
                layer=0, offset: int = 0,
-               rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None):
-    """Returns (y_BLC, cache).
+               rope: Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None,
+               attend=DENSE, attn_state=None):
+    """Returns (y_BLC, cache, attn_out).
 
     mask: bool broadcastable to [B, H, L, S] or None. With `cache`, this call's k/v are
-    written to layer `layer` at static `offset` and q attends to all cached keys
+    written to layer `layer` at static `offset` and q attends to the cached keys
     [0, offset + L) (the official inference: no mask). `rope(q, k) -> (q, k)` is applied
-    after normalisation.
+    after normalisation. `attend` is the layer's attention kind under an attention plan
+    (default dense); `attn_state` / `attn_out` are its per-layer sparse state in and out.
     """
     q, k, v = self.qkv(x_BLC)
     if rope is not None:
       q, k = rope(q, k)
+    kv_len = k.shape[1]
     if cache is not None:
-      cache, k, v = cache.write_read(layer, offset, k, v)
-    o_BLHc = attention(q, k, v, mask=mask, scale=self.scale, impl=self.attn_impl)
-    return self.out(o_BLHc), cache
+      cache = cache.write(layer, offset, k, v)
+      k, v = cache.layer_view(layer)
+      kv_len = offset + q.shape[1]
+    o_BLHc, attn_out = attend(q, k, v, kv_len, attn_state, scale=self.scale,
+                              impl=self.attn_impl, mask=mask)
+    return self.out(o_BLHc), cache, attn_out

@@ -10,7 +10,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+from sparvar_jax.nn.attention import DENSE
 
 M = TypeVar("M", bound=nnx.Module)
 
@@ -46,3 +49,32 @@ def scan_layers(stacked: nnx.Module, body: Callable[[nnx.Module, Any, Any], tupl
     return body(nnx.merge(graphdef, st), c, x)
 
   return jax.lax.scan(step, carry, (state, xs))
+
+
+def scan_layer_range(stacked: nnx.Module, start: int, stop: int,
+                     body: Callable[[nnx.Module, Any, jax.Array, Any], tuple[Any, Any]],
+                     carry: Any, xs: Any = None) -> tuple[Any, Any]:
+  """lax.scan over layers [start, stop): `body(layer, carry, i, x_i) -> (carry, y_i)`.
+
+  The i-th parameters are read from the whole stack by index (a dynamic slice inside the
+  loop), so running a model as several layer ranges, each with its own attention kind,
+  slices no copy of the weights. `i` is the absolute layer index (traced); `xs` have a
+  leading axis of stop - start.
+  """
+  if not 0 <= start < stop:
+    raise ValueError(f"empty or negative layer range [{start}, {stop})")
+  graphdef, state = nnx.split(stacked)
+
+  def step(c, inp):
+    i, x = inp
+    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), state)
+    return body(nnx.merge(graphdef, st), c, i, x)
+
+  return jax.lax.scan(step, carry, (jnp.arange(start, stop, dtype=jnp.int32), xs))
+
+
+class AllLayers:
+  """The one segment of a model run without an attention plan: every layer, dense."""
+
+  def __init__(self, depth: int):
+    self.start, self.stop, self.attend = 0, depth, DENSE

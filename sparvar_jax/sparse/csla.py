@@ -1,12 +1,15 @@
 """CSLA (cross-scale local sparse attention) masks, static, computed in numpy from the schedule.
 
-SparVAR's rule (Lvar `basic_sparvar.py`, `SparseFlexAttn`; see the algorithm notes 1.3): a
-query (y, x) of query scale qi (side Hq) sees
+SparVAR's rule (the authors' `SparseFlexAttn`; see the algorithm notes 1.3): a query (y, x)
+of query scale qi (grid Hq x Wq) sees
   * every key of scales 0 .. sink_scales-1 (the attention sinks), and
   * for each key scale j in sink_scales .. qi with window w_j >= 0: keys (ky, kx) with
-    |round(y / Hq * Hj) - ky| <= w_j // 2 and |round(x / Hq * Hj) - kx| <= w_j // 2
-    (numpy round, half to even); scales with w_j < 0 are not seen outside the sink.
+    |round(y / Hq * Hj) - ky| <= w_j // 2 and |round(x / Wq * Wj) - kx| <= w_j // 2
+    (float32, round half to even); scales with w_j < 0 are not seen outside the sink.
 Keys are the KV-cache layout: scales concatenated, raster order inside each scale.
+The authors' code knows only square scales (Hq = Wq); each axis is projected on its own,
+which is the same rule there and extends it to Infinity's non-square templates.
+`schedule` arguments take square sides (ints) or (h, w) grids.
 
 `csla_token_mask` states the rule literally (dense, for tests and the reference);
 `csla_rule` turns it into the kernel's per-token box tables (projection is monotone in y and
@@ -25,8 +28,14 @@ SINK_SCALES = 5
 WIN_SIZE = (-1,) * 8 + (1, 1, 3, 5, 7)
 
 
+def grids(schedule) -> tuple[tuple[int, int], ...]:
+  """(h, w) per scale from square sides or (h, w) pairs."""
+  return tuple((int(s), int(s)) if np.isscalar(s) else (int(s[0]), int(s[1]))
+               for s in schedule)
+
+
 def _bounds(schedule):
-  return np.concatenate([[0], np.cumsum([s * s for s in schedule])]).astype(np.int64)
+  return np.concatenate([[0], np.cumsum([h * w for h, w in grids(schedule)])]).astype(np.int64)
 
 
 def _check(schedule, query_scale, win_size):
@@ -38,25 +47,30 @@ def _check(schedule, query_scale, win_size):
 
 
 def _project(hq: int, hj: int) -> np.ndarray:
-  return np.round(np.arange(hq) / hq * hj).astype(np.int64)
+  """Nearest coordinate of scale side hj for each query coordinate of side hq: float32
+  round(c / hq * hj), half to even, as the authors compute it in torch (no +0.5 centring,
+  so the last query row can project one past the grid and see no key of that scale)."""
+  c = np.arange(hq, dtype=np.float32)
+  return np.round((c / np.float32(hq)) * np.float32(hj)).astype(np.int64)
 
 
 def csla_token_mask(query_scale: int, schedule=SCHEDULE_1024, sink_scales: int = SINK_SCALES,
                     win_size=WIN_SIZE) -> np.ndarray:
-  """bool [Hq*Hq, cum_tokens(query_scale + 1)]: the literal CSLA rule."""
+  """bool [Hq*Wq, cum_tokens(query_scale + 1)]: the literal CSLA rule."""
   _check(schedule, query_scale, win_size)
-  cum = _bounds(schedule)
-  hq = schedule[query_scale]
-  qy, qx = np.divmod(np.arange(hq * hq), hq)
-  m = np.zeros((hq * hq, int(cum[query_scale + 1])), bool)
+  hw = grids(schedule)
+  cum = _bounds(hw)
+  hq, wq = hw[query_scale]
+  qy, qx = np.divmod(np.arange(hq * wq), wq)
+  m = np.zeros((hq * wq, int(cum[query_scale + 1])), bool)
   m[:, :cum[min(sink_scales, query_scale + 1)]] = True
   for j in range(sink_scales, query_scale + 1):
     if win_size[j] < 0:
       continue
-    hj, r = schedule[j], win_size[j] // 2
-    ky, kx = np.divmod(np.arange(hj * hj), hj)
-    cy = np.round(qy / hq * hj)
-    cx = np.round(qx / hq * hj)
+    (hj, wj), r = hw[j], win_size[j] // 2
+    ky, kx = np.divmod(np.arange(hj * wj), wj)
+    cy = _project(hq, hj)[qy]
+    cx = _project(wq, wj)[qx]
     m[:, cum[j]:cum[j + 1]] = ((np.abs(cy[:, None] - ky[None]) <= r)
                                & (np.abs(cx[:, None] - kx[None]) <= r))
   return m
@@ -66,23 +80,30 @@ def csla_rule(query_scale: int, schedule=SCHEDULE_1024, sink_scales: int = SINK_
               win_size=WIN_SIZE) -> TokenBoxRule:
   """Per-token tables of the CSLA rule: query (y, x) and per-key query box (numpy int32)."""
   _check(schedule, query_scale, win_size)
-  cum = _bounds(schedule)
-  hq = schedule[query_scale]
-  qy, qx = np.divmod(np.arange(hq * hq), hq)
+  hw = grids(schedule)
+  cum = _bounds(hw)
+  hq, wq = hw[query_scale]
+  qy, qx = np.divmod(np.arange(hq * wq), wq)
   lk = int(cum[query_scale + 1])
   box = np.tile(np.array([[1], [0], [1], [0]], np.int64), (1, lk))  # empty: never visible
   sink_end = int(cum[min(sink_scales, query_scale + 1)])
-  box[:, :sink_end] = np.array([[0], [hq - 1], [0], [hq - 1]])
+  box[:, :sink_end] = np.array([[0], [hq - 1], [0], [wq - 1]])
   for j in range(sink_scales, query_scale + 1):
     if win_size[j] < 0:
       continue
-    hj, r = schedule[j], win_size[j] // 2
-    proj = _project(hq, hj)  # non-decreasing in the query coordinate
-    c = np.arange(hj)
-    lo = np.searchsorted(proj, c - r, side="left")       # first query with proj >= c - r
-    hi = np.searchsorted(proj, c + r, side="right") - 1  # last query with proj <= c + r
-    ky, kx = np.divmod(np.arange(hj * hj), hj)
-    box[:, cum[j]:cum[j + 1]] = np.stack([lo[ky], hi[ky], lo[kx], hi[kx]])
+    (hj, wj), r = hw[j], win_size[j] // 2
+
+    def interval(nq, nj):  # queries whose projection lies within r of each key coordinate
+      proj = _project(nq, nj)  # non-decreasing in the query coordinate
+      c = np.arange(nj)
+      lo = np.searchsorted(proj, c - r, side="left")       # first query with proj >= c - r
+      hi = np.searchsorted(proj, c + r, side="right") - 1  # last query with proj <= c + r
+      return lo, hi
+
+    ylo, yhi = interval(hq, hj)
+    xlo, xhi = interval(wq, wj)
+    ky, kx = np.divmod(np.arange(hj * wj), wj)
+    box[:, cum[j]:cum[j + 1]] = np.stack([ylo[ky], yhi[ky], xlo[kx], xhi[kx]])
   return TokenBoxRule(np.stack([qy, qx]).astype(np.int32), box.astype(np.int32))
 
 
@@ -113,11 +134,11 @@ def csla_tile_plan(query_scale: int, tile: int = 8, multiple_of: int = 64,
   tile*tile, q_perm=..., rule=...)`; `pairs` is the computed (query, key) pair count.
   """
   rule = csla_rule(query_scale, schedule, sink_scales, win_size)
-  hq = schedule[query_scale]
-  if hq % tile:
-    raise ValueError(f"scale {query_scale} has side {hq}, not a multiple of tile={tile}; use a "
-                     "tile that divides the side (or the block-sparse kernel).")
-  grid = np.arange(hq * hq).reshape(hq // tile, tile, hq // tile, tile)
+  hq, wq = grids(schedule)[query_scale]
+  if hq % tile or wq % tile:
+    raise ValueError(f"scale {query_scale} is {hq}x{wq}, not a multiple of tile={tile}; use a "
+                     "tile that divides both sides (or the block-sparse kernel).")
+  grid = np.arange(hq * wq).reshape(hq // tile, tile, wq // tile, tile)
   q_perm = grid.transpose(0, 2, 1, 3).reshape(-1).astype(np.int32)
   tm = rule.token_mask()[q_perm].reshape(-1, tile * tile, rule.kv_len).any(axis=1)
   counts = tm.sum(-1).astype(np.int32)
@@ -134,7 +155,7 @@ def csla_tile_plan(query_scale: int, tile: int = 8, multiple_of: int = 64,
 def csla_attention(q, k, v, query_scale: int, *, variant: str = "tiles", exact: bool = True,
                    schedule=SCHEDULE_1024, sink_scales: int = SINK_SCALES, win_size=WIN_SIZE,
                    interpret: bool = False):
-  """CSLA attention of one query scale: q [B, Hq*Hq, H, D], k, v [B, >= cum_tokens, H, D].
+  """CSLA attention of one query scale: q [B, Hq*Wq, H, D], k, v [B, >= cum_tokens, H, D].
 
   variant "tiles": 8x8 query patches with gathered keys (fastest measured on the H100:
   6.9x cuDNN exact at the last scale); "blocks": the block-sparse kernel on 128x128 blocks
