@@ -86,6 +86,7 @@ class Result:
   decode_seconds: float
   schedule: Schedule
   plan: AttnPlan
+  sparse_state: Any = None  # the SparVAR state after the last scale (return_state)
 
 
 class ScaleLoop:
@@ -110,7 +111,7 @@ class ScaleLoop:
     self._mdef, self._mstate = nnx.split(adapter.model)
     self._vdef, self._vstate = nnx.split(adapter.vae)
     self._begin = jax.jit(self._begin_fn)
-    self._halve = jax.jit(self._halve_fn, donate_argnums=(1, 2))
+    self._halve = jax.jit(self._halve_fn)  # slices: new buffers, nothing to donate
     self._decode = jax.jit(self._decode_fn)
     self._steps: dict[tuple, Callable] = {}
 
@@ -173,7 +174,7 @@ class ScaleLoop:
                forced: Sequence[np.ndarray] | None = None, return_logits: bool = False,
                decode: bool = True, progress: ProgressFn | None = None,
                sync_each_scale: bool = True, max_scales: int | None = None,
-               **cond_kw: Any) -> Result:
+               return_state: bool = False, **cond_kw: Any) -> Result:
     """Generates one batch.
 
     cond / cond_kw: the family's condition (see the adapter's `prepare`). keys: typed keys
@@ -181,6 +182,7 @@ class ScaleLoop:
     instead of sampling (teacher forcing through the sampler). max_scales: stop after this
     many scales (diagnostics; no decode then). sync_each_scale: wait for each step so that
     the per-scale times are real (off: one sync at the end, times are dispatch times).
+    return_state: also return SparVAR's state (decision lists, output cache) as numpy.
     """
     B = self.batch
     arrays = self.adapter.prepare(B, *cond, **cond_kw)
@@ -230,4 +232,5 @@ class ScaleLoop:
                   logits_per_scale=[np.asarray(l) for l in logits_out] if return_logits
                   else None,
                   scale_seconds=times, decode_seconds=dec_s, schedule=self.schedule,
-                  plan=self.plan)
+                  plan=self.plan,
+                  sparse_state=jax.tree.map(np.asarray, sparse) if return_state else None)

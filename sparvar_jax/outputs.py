@@ -1,7 +1,11 @@
 """Writing what people look at (PNG images and grids) and what machines read (JSON, NPZ).
 
 Every file is written to a temporary name in the destination folder and renamed into
-place, so an interrupted run never leaves a half-written output that looks complete.
+place, so an interrupted run never leaves a half-written output that looks complete; the
+file gets the mode the user's umask gives (not the private mode of a temporary file). A run
+killed outright (SIGKILL) can leave only such temporary files (`.sparvar-tmp-*`), which the
+next run into that folder removes. `OutputRun` is one run's folder: it refuses a folder that
+already holds files unless told to overwrite, and lists exactly the files the run wrote.
 """
 
 from __future__ import annotations
@@ -18,12 +22,34 @@ class OutputError(Exception):
   """The output location cannot be written."""
 
 
+TMP_PREFIX = ".sparvar-tmp-"
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def remove_stale_temps(path: str) -> list[str]:
+  """Deletes temporary files a killed run left in `path`; returns their names."""
+  gone = []
+  for name in os.listdir(path):
+    if name.startswith(TMP_PREFIX):
+      try:
+        os.remove(os.path.join(path, name))
+        gone.append(name)
+      except OSError:
+        pass
+  return gone
+
+
 def prepare_dir(path: str) -> str:
   """Creates `path` if needed and proves it is writable before any work starts."""
   path = os.path.abspath(path)
   try:
     os.makedirs(path, exist_ok=True)
-    fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+    fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX + "write-test-", dir=path)
     os.close(fd)
     os.remove(probe)
   except OSError as e:
@@ -34,10 +60,11 @@ def prepare_dir(path: str) -> str:
 
 def _atomic_write(path: str, write_fn) -> None:
   d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=d)
+  fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + os.path.basename(path) + ".", dir=d)
   os.close(fd)
   try:
     write_fn(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -116,6 +143,46 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
   _atomic_write(path, write)
+
+
+class OutputRun:
+  """One run's output folder.
+
+  A folder that holds files (other than temporaries of a killed run, which are removed) is
+  refused unless `overwrite`: then this run's files replace same-named ones and everything
+  else is left alone. Writability is proven before any work. `files` lists, in order,
+  exactly the files this run wrote."""
+
+  def __init__(self, path: str, overwrite: bool = False, flag: str = "--out"):
+    self.path = prepare_dir(path)
+    remove_stale_temps(self.path)
+    present = sorted(f for f in os.listdir(self.path) if not f.startswith(TMP_PREFIX))
+    if present and not overwrite:
+      shown = ", ".join(present[:5]) + (f" and {len(present) - 5} more" if len(present) > 5
+                                        else "")
+      raise OutputError(f"output folder {self.path!r} is not empty ({shown}); choose an empty "
+                        f"or new {flag}, or pass --overwrite to replace this run's files there "
+                        "(other files are left alone).")
+    self.files: list[str] = []
+
+  def _record(self, name: str) -> str:
+    if os.sep in name or name.startswith("."):
+      raise ValueError(f"output names are plain file names, got {name!r}")
+    if name not in self.files:
+      self.files.append(name)
+    return os.path.join(self.path, name)
+
+  def png(self, name: str, img: np.ndarray) -> None:
+    save_png(os.path.join(self.path, name), img)
+    self._record(name)
+
+  def json(self, name: str, obj: dict[str, Any]) -> None:
+    save_json(os.path.join(self.path, name), obj)
+    self._record(name)
+
+  def npz(self, name: str, **arrays: np.ndarray) -> None:
+    save_npz(os.path.join(self.path, name), **arrays)
+    self._record(name)
 
 
 def _json_default(o):

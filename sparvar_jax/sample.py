@@ -10,36 +10,48 @@ For real images, convert the official checkpoints first:
   python -m sparvar_jax.sample --checkpoint ckpt/var_d16 --labels 207,360,387,974 \
       --cfg 4 --top_k 900 --top_p 0.95 --seed 0 --out samples/
 
-Writes `grid.png`, one PNG per image and `report.json` (settings, per-scale timings)
-under --out; `--save_npz` adds `samples.npz` (token indices per scale, float image) for
-exact comparisons.
-
 Infinity (text-to-image): a checkpoint converted with `python -m convert.infinity`
 switches to Infinity mode, which needs a converted T5 (`python -m convert.t5`) and prompts:
 
   python -m sparvar_jax.sample --checkpoint ckpt/infinity_2b --t5 ckpt/flan-t5-xl \
       --prompt "a red fox in the snow" --aspect 1:1 --pn 1M --cfg 3 --tau 1 --seed 0
 
-Writes one PNG per prompt (index + slug) as each batch finishes, `grid.png` (the first 64,
-as 256-px thumbnails past 16) and `report.json`; `--save_npz`
-adds `samples.npz` (bits per scale, float image). Prompts over 512 T5 tokens are
-truncated as the original pipeline does, with a warning on stderr and in the report.
-An aspect ratio that is not one of Infinity's templates uses the nearest one (reported).
+SparVAR (training-free sparse attention; the authors' setting by default):
+
+  python -m sparvar_jax.sample --checkpoint ckpt/infinity_2b --t5 ckpt/flan-t5-xl \
+      --prompt "a red fox in the snow" --attention sparvar [--skip_last_scales 2]
+
+`--sparvar_*` flags change every knob of the policy (decision scale, key budget, layer
+split, sinks, windows, bands, group size, mapping, output cache, ablations); settings that do
+not fit the schedule are refused with the reason before anything is loaded.
+
+Outputs under --out (refused if it already holds files, unless --overwrite): one PNG per
+image, `grid.png`, `report.json` (settings, the attention plan that ran, per-scale timings,
+exactly the files written) and with `--save_npz` `samples.npz` (tokens of every scale,
+float images). Image i of a run draws from fold_in(key(--seed), i): the same seed and
+prompt (or label) give the same image whatever --batch is. Ctrl-C or SIGTERM stops after
+the images finished so far, which are complete, with a report that says so.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
 
+from sparvar_jax.runner import LoopSettings, RunArgs, Terminated, UsageError
+from sparvar_jax.sparse.config import CSLA_GRANULARITIES, MAPPINGS, SparVARConfig
+
+_SV = SparVARConfig()  # flag defaults come from the policy's own defaults
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Converted checkpoint directory "
                                   "(python -m convert.var, or python -m convert.infinity for "
                                   "text-to-image). Default: a random tiny model (see --demo).")
-_OUT = flags.DEFINE_string("out", "samples", "Output folder.")
+_OUT = flags.DEFINE_string("out", "samples", "Output folder (new or empty; see --overwrite).")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Write into a non-empty --out, replacing "
+                               "this run's files there (other files are left alone).")
 _LABELS = flags.DEFINE_string("labels", None, "VAR only. Comma-separated ImageNet class ids "
                               "in [0, 1000); one id is repeated over the batch. Default: "
                               "drawn uniformly from --seed.")
@@ -49,10 +61,11 @@ _BATCH = flags.DEFINE_integer("batch", None, "VAR: images to generate (default: 
 _CFG = flags.DEFINE_string("cfg", None, "Classifier-free guidance ratio (>= 0). VAR: one "
                            "number, default 1.5. Infinity: one number or a comma list with "
                            "one per scale, default 3.")
-_TOP_K = flags.DEFINE_integer("top_k", 900, "Top-k sampling (0 = off, 1 = greedy).")
-_TOP_P = flags.DEFINE_float("top_p", None, "Top-p sampling in [0, 1) (0 = off). Default: "
-                            "0.96 (VAR), 0.97 (Infinity).")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Top-k sampling (0 = off, 1 = greedy). Default "
+                              "900 (the official value).")
+_TOP_P = flags.DEFINE_float("top_p", None, "Top-p sampling in [0, 1] (0 and 1 keep every "
+                            "token). Default: 0.96 (VAR), 0.97 (Infinity).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed, in [0, 2**32).")
 _MORE_SMOOTH = flags.DEFINE_bool("more_smooth", False, "VAR only. Gumbel-softmax smoothing "
                                  "(official visualisation option; not for FID).")
 _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Also write samples.npz.")
@@ -60,9 +73,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "auto", ["auto", "float32", "bfloat16"],
                            "Compute dtype of the transformer blocks (auto: bfloat16 on GPU, "
                            "float32 on CPU).")
 _ATTN = flags.DEFINE_enum("attn_impl", "auto", ["auto", "xla", "cudnn", "mosaic"],
-                          "Attention kernel. auto: 'cudnn' on a GPU in bfloat16, 'xla' otherwise "
-                          "(float32 or CPU). 'mosaic': our Hopper flash kernel for the unmasked "
-                          "calls (H100/H200; end-to-end on par with cuDNN for Infinity-2B).")
+                          "Dense attention kernel. auto: 'cudnn' on a GPU in bfloat16, 'xla' "
+                          "otherwise. 'mosaic': our Hopper flash kernel for the unmasked calls "
+                          "(H100/H200).")
 _DEMO = flags.DEFINE_enum("demo", "infinity", ["infinity", "var"],
                           "The random tiny model used without --checkpoint: 'infinity' "
                           "(text-to-image, full 13-scale 1024x1024 schedule, random text "
@@ -84,216 +97,169 @@ _PN = flags.DEFINE_string("pn", None, "Infinity only. Pixel budget: 0.06M, 0.25M
                           "1M (default 1M; 1M at 1:1 is 1024x1024).")
 _TAU = flags.DEFINE_string("tau", None, "Infinity only. Sampling temperature (> 0): one "
                            "number or a comma list with one per scale; default 1.")
+# Attention plan and loop options.
+_ATTENTION = flags.DEFINE_enum("attention", "dense", ["dense", "sparvar"],
+                               "dense: every layer attends to every cached key (the official "
+                               "models). sparvar: SparVAR's training-free sparse attention "
+                               "(see --sparvar_*).")
+_SV_DECISION = flags.DEFINE_integer("sparvar_decision_scale", _SV.decision_scale,
+                                    "SparVAR: the scale whose dense attention picks the keys "
+                                    "(default: the third-last, 10 of 13).")
+_SV_TOP_KEYS = flags.DEFINE_float("sparvar_top_keys", _SV.top_keys, "SparVAR: fraction of the "
+                                  "decision scale's keys each query group keeps.")
+_SV_BOUND = flags.DEFINE_integer("sparvar_bound_layer", _SV.bound_layer, "SparVAR: CS4A in "
+                                 "layers 0..bound_layer, CSLA above (-1: no CS4A layer).")
+_SV_SINKS = flags.DEFINE_integer("sparvar_sink_scales", _SV.sink_scales, "SparVAR: CSLA's "
+                                 "attention sinks, every key of scales 0..N-1.")
+_SV_WINDOWS = flags.DEFINE_string("sparvar_csla_windows", None, "SparVAR: CSLA window side "
+                                  "per key scale, comma-separated, one per scale (-1: unseen). "
+                                  "Default -1,..,-1,1,1,3,5,7.")
+_SV_BANDS = flags.DEFINE_string("sparvar_cs4a_bands", None, "SparVAR: CS4A's current-scale "
+                                "window of each scale after the decision scale (default "
+                                "7,9,...).")
+_SV_GROUP = flags.DEFINE_integer("sparvar_group_size", _SV.group_size, "SparVAR: queries per "
+                                 "CS4A group.")
+_SV_MULTIPLE = flags.DEFINE_integer("sparvar_key_multiple", _SV.key_multiple, "SparVAR: key "
+                                    "budgets and bands are multiples of this.")
+_SV_BLOCK = flags.DEFINE_integer("sparvar_block_size", _SV.block_size, "SparVAR: CSLA's "
+                                 "block side.")
+_SV_MAPPING = flags.DEFINE_enum("sparvar_mapping", _SV.mapping, list(MAPPINGS), "SparVAR: "
+                                "how later scales reuse the decision (group: the authors'; "
+                                "kv_shift: their unevaluated scale-shift variant).")
+_SV_OCACHE = flags.DEFINE_bool("sparvar_output_cache", _SV.output_cache, "SparVAR: add the "
+                               "decision scale's O_dense - O_sparse, upsampled.")
+_SV_CSLA_GRAN = flags.DEFINE_enum("sparvar_csla_granularity", _SV.csla_granularity,
+                                  list(CSLA_GRANULARITIES), "SparVAR: block (whole visited "
+                                  "blocks, as the authors) or exact (the token rule).")
+_SV_CS4A = flags.DEFINE_bool("sparvar_cs4a", _SV.use_cs4a, "SparVAR: CS4A on (off: those "
+                             "layers run dense).")
+_SV_CSLA = flags.DEFINE_bool("sparvar_csla", _SV.use_csla, "SparVAR: CSLA on (off: those "
+                             "layers run dense).")
+_SV_KERNELS = flags.DEFINE_enum("sparvar_kernels", "auto", ["auto", "reference", "interpret"],
+                                "SparVAR: Pallas kernels on a GPU, pure-JAX references "
+                                "elsewhere (auto), or force one.")
+_SKIP = flags.DEFINE_integer("skip_last_scales", 0, "Stop that many scales early and decode "
+                             "what was accumulated (the authors' 'skip 2').")
+_DROP = flags.DEFINE_integer("drop_uncond_last_scales", 0, "Run the last N computed scales "
+                             "without the unconditional branch (no guidance there).")
 
 _VAR_ONLY = ("labels", "more_smooth")
 _INFINITY_ONLY = ("t5", "prompt", "prompts_file", "negative_prompt", "aspect", "pn", "tau")
-_VAR_CFG, _VAR_TOP_P = 1.5, 0.96  # VAR defaults; Infinity's are InfinitySampling's
-
-
-class UsageError(Exception):
-  """Bad command-line input; printed as one paragraph without a traceback."""
-
-
-def _parse_labels(text: str | None, batch: int | None) -> tuple[list[int] | None, int]:
-  labels = None
-  if text:
-    try:
-      labels = [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError as e:
-      raise UsageError(f"--labels must be comma-separated integers, got {text!r}") from e
-    if not labels:
-      raise UsageError("--labels is empty")
-  if batch is not None and batch < 1:
-    raise UsageError(f"--batch must be >= 1, got {batch}")
-  if labels is None:
-    return None, batch or 4
-  if batch is None:
-    batch = len(labels)
-  if len(labels) == 1:
-    labels = labels * batch
-  if len(labels) != batch:
-    raise UsageError(f"--labels gives {len(labels)} ids but --batch is {batch}: give one id "
-                     "or exactly --batch ids")
-  return labels, batch
-
-
-def _setup_jax():
-  import jax  # pylint: disable=g-import-not-at-top
-  cache = os.environ.get("SPARVAR_COMPILE_CACHE",
-                         os.path.join(os.path.expanduser("~"), ".cache", "sparvar_jax", "xla"))
-  try:
-    jax.config.update("jax_compilation_cache_dir", cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  except Exception:  # an unwritable cache only costs compile time
-    pass
-  return jax
-
-
-def _load_models(checkpoint: str | None, dtype, seed: int, attn_impl: str = "xla"):
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.models import var as var_lib  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.vae import var_vqvae  # pylint: disable=g-import-not-at-top
-  if checkpoint is None:
-    rngs = nnx.Rngs(seed)
-    var = var_lib.VAR(configs.VAR_DEMO, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
-    vae = var_vqvae.VQVAE(configs.VQVAE_DEMO, rngs=rngs)
-    return var, vae, "embedded default: tiny VAR (depth 2, width 128) with RANDOM weights"
-  var, vae = var_lib.load_var(checkpoint, dtype=dtype, attn_impl=attn_impl)
-  return var, vae, f"checkpoint {os.path.abspath(checkpoint)}"
+_SPARVAR_ONLY = ("sparvar_decision_scale", "sparvar_top_keys", "sparvar_bound_layer",
+                 "sparvar_sink_scales", "sparvar_csla_windows", "sparvar_cs4a_bands",
+                 "sparvar_group_size", "sparvar_key_multiple", "sparvar_block_size",
+                 "sparvar_mapping", "sparvar_output_cache", "sparvar_csla_granularity",
+                 "sparvar_cs4a", "sparvar_csla", "sparvar_kernels")
 
 
 def _given(names) -> list[str]:
   return ["--" + n for n in names if flags.FLAGS[n].present]
 
 
-def _checkpoint_kind(checkpoint: str | None) -> tuple[str, dict | None]:
-  """'var' or 'infinity' from the checkpoint's config.json (or --demo without one)."""
+def _int_list(name: str, text: str | None) -> tuple[int, ...] | None:
+  if text is None:
+    return None
+  try:
+    return tuple(int(t) for t in text.replace(" ", "").split(",") if t)
+  except ValueError:
+    raise UsageError(f"--{name} must be comma-separated integers, got {text!r}") from None
+
+
+def _sparvar_config() -> SparVARConfig | None:
+  if _ATTENTION.value != "sparvar":
+    wrong = _given(_SPARVAR_ONLY)
+    if wrong:
+      raise UsageError(f"{', '.join(wrong)} only apply with --attention sparvar; add it or drop "
+                       "them.")
+    return None
+  from sparvar_jax.sparse.config import PlanError  # pylint: disable=g-import-not-at-top
+  try:
+    return SparVARConfig(
+        decision_scale=_SV_DECISION.value, top_keys=_SV_TOP_KEYS.value,
+        bound_layer=_SV_BOUND.value, sink_scales=_SV_SINKS.value,
+        csla_windows=_int_list("sparvar_csla_windows", _SV_WINDOWS.value),
+        cs4a_bands=_int_list("sparvar_cs4a_bands", _SV_BANDS.value),
+        group_size=_SV_GROUP.value, key_multiple=_SV_MULTIPLE.value, block_size=_SV_BLOCK.value,
+        mapping=_SV_MAPPING.value, output_cache=_SV_OCACHE.value,
+        csla_granularity=_SV_CSLA_GRAN.value, use_cs4a=_SV_CS4A.value, use_csla=_SV_CSLA.value)
+  except PlanError as e:
+    raise UsageError(f"--attention sparvar: {e}") from None
+
+
+def _run_args() -> RunArgs:
+  # JAX keys hold 32-bit seeds: larger ones would silently repeat smaller ones.
+  if not 0 <= _SEED.value < 2 ** 32:
+    raise UsageError(f"--seed must be in [0, 2**32), got {_SEED.value}")
+  if _BATCH.value is not None and _BATCH.value < 1:
+    raise UsageError(f"--batch must be >= 1, got {_BATCH.value}")
+  if _TOP_K.value is not None and _TOP_K.value < 0:
+    raise UsageError(f"top_k must be >= 0 (0 turns it off), got {_TOP_K.value}")
+  if _TOP_P.value is not None and not 0.0 <= _TOP_P.value <= 1.0:
+    raise UsageError(f"top_p must be in [0, 1] (0 and 1 keep every token), got {_TOP_P.value}")
+  for name, v in (("skip_last_scales", _SKIP.value), ("drop_uncond_last_scales", _DROP.value)):
+    if v < 0:
+      raise UsageError(f"--{name} must be >= 0, got {v}")
+  return RunArgs(
+      checkpoint=_CHECKPOINT.value, demo=_DEMO.value, out=_OUT.value, overwrite=_OVERWRITE.value,
+      seed=_SEED.value, batch=_BATCH.value, cfg=_CFG.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, save_npz=_SAVE_NPZ.value, dtype=_DTYPE.value, attn_impl=_ATTN.value,
+      attention=_ATTENTION.value, sparvar=_sparvar_config(), kernels=_SV_KERNELS.value,
+      loop=LoopSettings(_SKIP.value, _DROP.value))
+
+
+def _checkpoint_configs(checkpoint: str | None) -> dict | None:
+  """The checkpoint's configs (read once), or None for the demo."""
   if checkpoint is None:
-    return _DEMO.value, None
+    return None
   if _DEMO.present:
     raise UsageError("--demo picks the random model used when no --checkpoint is given; "
                      "drop --demo or --checkpoint.")
+  if os.path.isfile(checkpoint):
+    raise UsageError(f"--checkpoint {checkpoint!r} is a file; it must be a directory converted "
+                     "from the official weights: `python -m convert.var --var FILE.pth --vae "
+                     "VAE.pth --out DIR` (VAR) or `python -m convert.infinity --model FILE.pth "
+                     "--vae VAE.pth --out DIR` (Infinity), then pass --checkpoint DIR.")
   from sparvar_jax.checkpoint import read_config  # pylint: disable=g-import-not-at-top
   cfgs, _ = read_config(checkpoint)
-  return ("infinity" if "infinity" in cfgs else "var"), cfgs
+  return cfgs
 
 
-def _resolve_dtype(jax):
-  """(dtype name, dtype, attention impl) from --dtype and --attn_impl."""
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  on_gpu = jax.devices()[0].platform == "gpu"
-  dtype_name = _DTYPE.value
-  if dtype_name == "auto":
-    dtype_name = "bfloat16" if on_gpu else "float32"
-  attn = _ATTN.value
-  if attn == "auto":
-    # cuDNN stays the default: Mosaic measured equal end-to-end (Infinity-2B 302 vs 304 ms on
-    # the H100), and VAR-d16's first call compiles for 64 s with it (one kernel per scale).
-    attn = "cudnn" if (on_gpu and dtype_name == "bfloat16") else "xla"
-  elif attn in ("cudnn", "mosaic"):
-    if not on_gpu or dtype_name != "bfloat16":
-      raise UsageError(f"--attn_impl={attn} needs a GPU and bfloat16 (this run: "
-                       f"{jax.devices()[0].platform}, {dtype_name}); use --attn_impl=xla or "
-                       "leave it on auto.")
-    if attn == "mosaic":
-      from pallas_kernels import _compat  # pylint: disable=g-import-not-at-top
-      if not _compat.on_hopper():
-        raise UsageError(f"--attn_impl=mosaic needs an sm_90 GPU (H100/H200); this is "
-                         f"{jax.devices()[0].device_kind}. Use --attn_impl=cudnn.")
-  return dtype_name, jnp.dtype(dtype_name), attn
-
-
-def run(argv_flags=None) -> dict:
+def run() -> dict:
   """The CLI body; returns the report dict. Raises UsageError and friends on bad input."""
-  del argv_flags
-  # JAX keys hold 32-bit seeds: larger ones would silently repeat smaller ones.
-  if not 0 <= _SEED.value < 2**32:
-    raise UsageError(f"--seed must be in [0, 2**32), got {_SEED.value}")
-  kind, cfgs = _checkpoint_kind(_CHECKPOINT.value)
+  args = _run_args()
+  cfgs = _checkpoint_configs(args.checkpoint)
+  kind = args.demo if cfgs is None else ("infinity" if "infinity" in cfgs else "var")
   if kind == "infinity":
     wrong = _given(_VAR_ONLY)
     if wrong:
-      what = (f"{_CHECKPOINT.value!r} is an Infinity (text-to-image) checkpoint"
-              if _CHECKPOINT.value else "the default demo (no --checkpoint) is a random "
+      what = (f"{args.checkpoint!r} is an Infinity (text-to-image) checkpoint"
+              if args.checkpoint else "the default demo (no --checkpoint) is a random "
               "Infinity (text-to-image) model; pass --demo var for the random VAR demo")
       raise UsageError(
           f"{', '.join(wrong)} only apply to VAR (class-conditional) models, but {what}. "
           f"Drop {' and '.join(wrong)} and give prompts with --prompt or --prompts_file.")
     from sparvar_jax import sample_infinity  # pylint: disable=g-import-not-at-top
-    return sample_infinity.run(cfgs, UsageError, _setup_jax, _resolve_dtype)
+    return sample_infinity.run(args, sample_infinity.InfinityArgs(
+        t5=_T5.value, prompts=tuple(_PROMPT.value or ()), prompts_file=_PROMPTS_FILE.value,
+        negative=_NEGATIVE.value, aspect=_ASPECT.value, pn=_PN.value, tau=_TAU.value), cfgs)
   wrong = _given(_INFINITY_ONLY)
   if wrong:
-    what = (f"checkpoint {_CHECKPOINT.value!r} is a VAR (class-conditional ImageNet) model"
-            if _CHECKPOINT.value else "the demo model (--demo var) is a random VAR "
+    what = (f"checkpoint {args.checkpoint!r} is a VAR (class-conditional ImageNet) model"
+            if args.checkpoint else "the demo model (--demo var) is a random VAR "
             "(class-conditional ImageNet) model")
     raise UsageError(
         f"{', '.join(wrong)} only apply to Infinity (text-to-image) checkpoints, but {what}. "
         "Drop them, or pass --checkpoint with a directory converted by `python -m "
         "convert.infinity` (plus --t5 and --prompt).")
-  return _run_var(cfgs)
+  from sparvar_jax import sample_var  # pylint: disable=g-import-not-at-top
+  return sample_var.run(args, sample_var.VARArgs(labels=_LABELS.value,
+                                                 more_smooth=_MORE_SMOOTH.value), cfgs)
 
 
-def _run_var(cfgs: dict | None) -> dict:
-  from sparvar_jax import configs, outputs  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.generate import VARGenerator, VARSampling  # pylint: disable=g-import-not-at-top
-
-  labels, batch = _parse_labels(_LABELS.value, _BATCH.value)
-  # The class count of the model to be loaded (a converted VAR need not have 1000).
-  num_classes = getattr((cfgs or {}).get("var"), "num_classes", configs.VAR_DEMO.num_classes)
-  if labels is not None:
-    bad = [c for c in labels if not 0 <= c < num_classes]
-    if bad:
-      raise UsageError(f"class ids must be in [0, {num_classes}) (the model's classes), got "
-                       f"{bad}")
-  cfg = _VAR_CFG
-  if _CFG.value is not None:
-    try:
-      cfg = float(_CFG.value)
-    except ValueError as e:
-      raise UsageError(f"--cfg for VAR must be one number (cfg must be >= 0), got "
-                       f"{_CFG.value!r}") from e
-  top_p = _VAR_TOP_P if _TOP_P.value is None else _TOP_P.value
-  settings = VARSampling(cfg=cfg, top_k=_TOP_K.value, top_p=top_p,
-                         more_smooth=_MORE_SMOOTH.value)
-  try:
-    settings.validate(vocab_size=None)
-  except ValueError as e:
-    raise UsageError(str(e)) from e
-  out_dir = outputs.prepare_dir(_OUT.value)
-
-  jax = _setup_jax()
-  dtype_name, dtype, attn_impl = _resolve_dtype(jax)
-
-  t0 = time.perf_counter()
-  var, vae, source = _load_models(_CHECKPOINT.value, dtype, _SEED.value, attn_impl)
-  print(f"model: {source}", file=sys.stderr)
-  if _CHECKPOINT.value is None:
-    print("note: the default model's weights are random, so its images are noise; pass "
-          "--checkpoint for real images.", file=sys.stderr)
-  try:
-    settings.validate(var.cfg.vocab_size)
-  except ValueError as e:
-    raise UsageError(str(e)) from e
-  gen = VARGenerator(var, vae, batch, settings, cache_dtype=dtype)
-  if labels is None:
-    labels = gen.sample_labels(_SEED.value).tolist()
-  load_s = time.perf_counter() - t0
-
-  def progress(si, k, secs):
-    pn = var.cfg.patch_nums[si]
-    print(f"scale {si + 1:2d}/{k} ({pn}x{pn}): {secs * 1e3:8.1f} ms", file=sys.stderr)
-
-  res = gen(labels, seed=_SEED.value, progress=progress)
-  print(f"decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
-
-  for i, img in enumerate(res.image_BHW3):
-    outputs.save_png(os.path.join(out_dir, f"{i:03d}_class{labels[i]}.png"), img)
-  outputs.save_png(os.path.join(out_dir, "grid.png"), outputs.make_grid(res.image_BHW3))
-  if _SAVE_NPZ.value:
-    arrays = {f"idx_scale{si}": a for si, a in enumerate(res.idx_per_scale)}
-    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=res.image_BHW3,
-                     labels_B=res.labels_B, **arrays)
-  report = {
-      "model": source,
-      "random_weights": _CHECKPOINT.value is None,
-      "config": {"depth": var.cfg.depth, "embed_dim": var.cfg.embed_dim,
-                 "patch_nums": list(var.cfg.patch_nums), "vocab_size": var.cfg.vocab_size},
-      "settings": {"labels": labels, "batch": batch, "cfg": settings.cfg,
-                   "top_k": settings.top_k, "top_p": settings.top_p,
-                   "more_smooth": settings.more_smooth, "seed": _SEED.value,
-                   "dtype": dtype_name, "attn_impl": attn_impl},
-      "device": str(jax.devices()[0]),
-      "seconds": {"load_and_build": load_s, "per_scale_first_run_incl_compile":
-                  res.scale_seconds, "decode": res.decode_seconds,
-                  "total_generate": sum(res.scale_seconds) + res.decode_seconds},
-      "image_shape": list(res.image_BHW3.shape),
-      "files": sorted(f for f in os.listdir(out_dir) if not f.startswith(".")),
-  }
-  outputs.save_json(os.path.join(out_dir, "report.json"), report)
-  print(f"wrote {len(res.image_BHW3)} images, grid.png and report.json to {out_dir}",
-        file=sys.stderr)
-  return report
+def _out_of_memory(e: BaseException) -> bool:
+  text = str(e)
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or \
+      "Out of memory" in text or "out of memory" in text
 
 
 def main(argv):
@@ -308,7 +274,28 @@ def main(argv):
   except (UsageError, CheckpointError, OutputError, T5LoadError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted (Ctrl-C): the images finished so far and report.json are in --out.",
+          file=sys.stderr)
+    sys.exit(130)
+  except Terminated:
+    print("terminated (SIGTERM): the images finished so far and report.json are in --out.",
+          file=sys.stderr)
+    sys.exit(143)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _out_of_memory(e):
+      raise
+    print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+          f"Generate fewer images at a time (--batch, now {_BATCH.value or 'default'}), use "
+          "--dtype bfloat16 on a GPU, or free memory on the device.", file=sys.stderr)
+    sys.exit(2)
+
+
+def _quiet_by_default():
+  """Library INFO logs (orbax, JAX's backend probing) only with --verbosity >= 0."""
+  flags.FLAGS.set_default("verbosity", -1)  # absl's WARNING
 
 
 if __name__ == "__main__":
+  _quiet_by_default()
   app.run(main)

@@ -1,16 +1,17 @@
-"""Infinity text-to-image mode of `python -m sparvar_jax.sample` (flags live in sample.py).
+"""Infinity text-to-image mode of `python -m sparvar_jax.sample` (the flags live in sample.py).
 
-Order of work: every flag, the prompts, the schedule, the sampling settings and the T5
-directory are checked before the output folder is touched or a model is built, so bad
-input costs a second and leaves --out empty. Then: T5 + Infinity + VAE load, prompts
-encoded once (over-long ones truncated to 512 tokens with a warning), one compiled
+Order of work: every flag, the prompts, the schedule, the sampling settings, the attention
+plan and the T5 directory are checked before the output folder is touched or a model is
+built, so bad input costs a second and leaves --out empty. Then: T5 + Infinity + VAE load,
+prompts encoded once (over-long ones truncated to 512 tokens with a warning), one compiled
 generator for all prompts (the text length is bucketed over all of them), prompts run in
-chunks of --batch (the last chunk padded with copies, which are dropped), chunk c seeded
-with --seed + c.
+chunks of --batch (the last chunk padded with copies, which are dropped). Prompt i draws
+from fold_in(key(--seed), i), whatever chunk it runs in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -21,9 +22,10 @@ import warnings
 import zlib
 
 import numpy as np
-from absl import flags
 
-FLAGS = flags.FLAGS
+from sparvar_jax import runner
+from sparvar_jax.runner import RunArgs, UsageError
+
 _TEMPLATE_TOL = 1e-3  # templates are h/w truncated to 3 decimals (2:3 -> 0.666)
 # Prompts per T5 call: the encoder's attention tensors are [B, heads, L, L], so a prompts
 # file of thousands of long prompts in one call would not fit in accelerator memory.
@@ -48,13 +50,24 @@ def _demo_features(texts, channels: int):
   return feats, lens
 
 
-def _read_prompts(err, default: str | None = None) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class InfinityArgs:
+  t5: str | None
+  prompts: tuple[str, ...]
+  prompts_file: str | None
+  negative: str | None
+  aspect: str | None
+  pn: str | None
+  tau: str | None
+
+
+def _read_prompts(err, iargs: InfinityArgs, default: str | None = None) -> list[str]:
   prompts = []
-  for p in FLAGS.prompt or []:
+  for p in iargs.prompts:
     if not p.strip():
       raise err("--prompt is empty; give the text to draw, e.g. --prompt \"a red fox\".")
     prompts.append(p)
-  path = FLAGS.prompts_file
+  path = iargs.prompts_file
   if path is not None:
     try:
       with open(path, "rb") as f:
@@ -122,19 +135,9 @@ def encode_texts(encoder, tok, texts, chunk: int = T5_CHUNK):
   return np.concatenate(parts), lens
 
 
-def _t5_width(t5_dir: str) -> int | None:
-  """d_model from a converted T5's config.json, or None (load_t5 then says what is wrong)."""
-  from sparvar_jax.checkpoint import read_config  # pylint: disable=g-import-not-at-top
-  try:
-    cfgs, _ = read_config(t5_dir)
-    return int(cfgs["t5"].d_model)
-  except Exception:  # pylint: disable=broad-except
-    return None
-
-
-def _width_error(err, t5_dir, width, want):
+def _width_error(err, t5_dir, width, want, ckpt):
   return err(f"the T5 in {t5_dir!r} gives {width}-wide text features but the Infinity "
-             f"checkpoint {FLAGS.checkpoint!r} expects text_channels={want}. Infinity "
+             f"checkpoint {ckpt!r} expects text_channels={want}. Infinity "
              "2B/8B use flan-t5-xl (d_model 2048): convert that one with `python -m "
              "convert.t5 --hf_dir flan-t5-xl --out DIR` and pass it as --t5.")
 
@@ -145,39 +148,35 @@ def slug(prompt: str, n: int = 40) -> str:
   return s or "prompt"
 
 
-def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
-  """Infinity mode; `err` is the CLI's UsageError class."""
-  from sparvar_jax import schedules  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.generate_infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
+def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
+  """Infinity mode; raises UsageError (and the loaders' errors) on bad input."""
+  from sparvar_jax import configs, outputs, schedules, text  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.families.infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
 
-  from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
-
-  ckpt = FLAGS.checkpoint
+  err = UsageError
+  ckpt = args.checkpoint
   demo = ckpt is None  # the embedded default: random tiny Infinity, no T5
   icfg = configs.INFINITY_DEMO if demo else cfgs["infinity"]
-  if demo and FLAGS.t5 is not None:
+  if demo and iargs.t5 is not None:
     raise err("--t5 needs --checkpoint: the default demo model has random weights and uses "
               "random text features instead of T5. Pass --checkpoint with a directory "
               "converted by `python -m convert.infinity` to use a T5.")
-  if not demo and FLAGS.t5 is None:
+  if not demo and iargs.t5 is None:
     raise err(f"{ckpt!r} is an Infinity (text-to-image) checkpoint, which needs a T5 text "
               "encoder: pass --t5 DIR, a directory converted with `python -m convert.t5 "
               "--hf_dir flan-t5-xl --out DIR`.")
-  prompts = _read_prompts(err, DEMO_PROMPT if demo else None)
-  negative = FLAGS.negative_prompt
+  prompts = _read_prompts(err, iargs, DEMO_PROMPT if demo else None)
+  negative = iargs.negative
   if negative is not None and not negative.strip():
     raise err("--negative_prompt is empty; drop it to use the model's learned "
               "unconditional text.")
-  batch = 1 if FLAGS.batch is None else FLAGS.batch
-  if batch < 1:
-    raise err(f"--batch must be >= 1, got {batch}")
-  batch = min(batch, len(prompts))
+  batch = min(1 if args.batch is None else args.batch, len(prompts))
 
-  pn = FLAGS.pn or "1M"
+  pn = iargs.pn or "1M"
   if pn not in schedules.PN_VALUES:
     raise err(f"unknown --pn {pn!r}; choose one of {', '.join(schedules.PN_VALUES)} (pixel "
               "budget: 1M is 1024x1024 at 1:1).")
-  aspect = FLAGS.aspect or "1:1"
+  aspect = iargs.aspect or "1:1"
   try:
     h_div_w = schedules.parse_aspect(aspect)
   except ValueError as e:
@@ -186,46 +185,46 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   n = schedule.num_scales
   is_template = abs(schedule.template - h_div_w) <= _TEMPLATE_TOL
 
-  d = InfinitySampling()  # Infinity's defaults: cfg 3, tau 1, top-p 0.97
-  cfg = _per_scale(err, "cfg", FLAGS.cfg, d.cfg, n, pn)
-  tau = _per_scale(err, "tau", FLAGS.tau, d.tau, n, pn)
-  top_p = d.top_p if FLAGS.top_p is None else FLAGS.top_p
-  settings = InfinitySampling(cfg=cfg, tau=tau, top_k=FLAGS.top_k, top_p=top_p)
+  d = InfinitySampling()  # Infinity's defaults: cfg 3, tau 1, top-k 900, top-p 0.97
+  settings = InfinitySampling(
+      cfg=_per_scale(err, "cfg", args.cfg, d.cfg, n, pn),
+      tau=_per_scale(err, "tau", iargs.tau, d.tau, n, pn),
+      top_k=d.top_k if args.top_k is None else args.top_k,
+      top_p=d.top_p if args.top_p is None else args.top_p)
   try:
     cfgs_ps, taus_ps = settings.per_scale(n)
   except ValueError as e:
     raise err(str(e)) from None
+  runner.check_plan(args, schedule, icfg.depth)
 
-  # The T5 directory: tokenizer and width checked now, weights loaded after the folder.
-  from sparvar_jax import text  # pylint: disable=g-import-not-at-top
+  # The T5 directory: config, tokenizer and width checked now (read once), weights later.
   if demo:
-    tok = None
-    tokens_full = [int(n) for n in _demo_features(prompts, 1)[1]]
+    tok = t5_cfg = None
+    tokens_full = [int(k) for k in _demo_features(prompts, 1)[1]]
   else:
-    tok = text.T5Tokenizer.from_dir(FLAGS.t5)  # T5LoadError: one paragraph
-    width = _t5_width(FLAGS.t5)
-    if width is not None and width != icfg.text_channels:
-      raise _width_error(err, FLAGS.t5, width, icfg.text_channels)
+    t5_cfg = text.read_t5_config(iargs.t5)  # T5LoadError: one paragraph
+    tok = text.T5Tokenizer.from_dir(iargs.t5)
+    if t5_cfg.d_model != icfg.text_channels:
+      raise _width_error(err, iargs.t5, t5_cfg.d_model, icfg.text_channels, ckpt)
     tokens_full = [len(tok.encode(p)) for p in prompts]
 
-  from sparvar_jax import outputs  # pylint: disable=g-import-not-at-top
-  out_dir = outputs.prepare_dir(FLAGS.out)
+  out = outputs.OutputRun(args.out, args.overwrite)
   if not is_template:
     h, w = schedule.image_hw
     print(f"note: aspect {aspect!r} (h/w {h_div_w:.4f}) is not an Infinity template; using "
           f"the nearest template h/w {schedule.template} ({w}x{h} pixels).", file=sys.stderr)
 
-  jax = setup_jax()
-  dtype_name, dtype, attn_impl = resolve_dtype(jax)
-  from sparvar_jax.generate_infinity import InfinityGenerator, bucket_text_len  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
+  jax = runner.setup_jax()
+  dtype_name, dtype, attn_impl = runner.resolve_dtype(jax, args.dtype, args.attn_impl)
+  from sparvar_jax.families.infinity import InfinityAdapter, bucket_text_len  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.generate import ScaleLoop, row_keys  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   if demo:
     from flax import nnx  # pylint: disable=g-import-not-at-top
     from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
     from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
-    rngs = nnx.Rngs(FLAGS.seed)
+    rngs = nnx.Rngs(args.seed)
     model = Infinity(icfg, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
     vae = BSQVAE(configs.BSQ_DEMO, rngs=rngs)
     source = (f"embedded default: tiny Infinity (depth {icfg.depth}, width {icfg.embed_dim}) "
@@ -234,13 +233,12 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
     print("note: the default model's weights are random, so its images are noise; pass "
           "--checkpoint (and --t5) for real images.", file=sys.stderr)
   else:
-    encoder, tok = text.load_t5(FLAGS.t5, dtype)
-    if encoder.cfg.d_model != icfg.text_channels:
-      raise _width_error(err, FLAGS.t5, encoder.cfg.d_model, icfg.text_channels)
-    model, vae, _ = load_infinity(ckpt, dtype, attn_impl=attn_impl)
+    from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
+    encoder, _ = text.load_t5(iargs.t5, dtype, cfg=t5_cfg, tokenizer=tok)
+    model, vae, _ = load_infinity(ckpt, dtype, attn_impl=attn_impl, cfgs=cfgs)
     source = f"checkpoint {os.path.abspath(ckpt)}"
     print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
-          f"{icfg.embed_dim}); T5 {os.path.abspath(FLAGS.t5)}", file=sys.stderr)
+          f"{icfg.embed_dim}); T5 {os.path.abspath(iargs.t5)}", file=sys.stderr)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
@@ -251,13 +249,13 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
       return _demo_features(texts, icfg.text_channels)
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", text.PromptTruncatedWarning)
-      out = encode_texts(encoder, tok, texts)
+      enc = encode_texts(encoder, tok, texts)
     for w in caught:
       msg = f"{what}: {w.message}"
       if issubclass(w.category, text.PromptTruncatedWarning):
         trunc_msgs.append(msg)
       print(f"warning: {msg}", file=sys.stderr)
-    return out
+    return enc
 
   feats, lens = encode(prompts, "prompts")
   neg = None
@@ -268,65 +266,20 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
   text_s = time.perf_counter() - t0
 
   text_len = bucket_text_len(list(lens) + ([] if neg is None else list(neg[1])))
-  gen = InfinityGenerator(model, vae, schedule, batch, settings, text_len=text_len,
-                          cache_dtype=dtype)
+  plan, options = runner.build_plan(args, schedule, icfg.depth)
+  loop = ScaleLoop(InfinityAdapter(model, vae, schedule, settings, text_len=text_len,
+                                   cache_dtype=dtype), batch, plan, options)
   N = len(prompts)
-  # Each image goes to disk as soon as its batch is decoded (an interrupted run keeps what it
-  # made); RAM holds the grid's first 64 thumbnails, plus float images/bits for --save_npz.
-  grid = outputs.GridCollector()
-  images, bits, calls = [], [[] for _ in range(n)], []
-  files, entries = [], []
-  image_shape = None
-  for c, start in enumerate(range(0, N, batch)):
-    idx = list(range(start, min(start + batch, N)))
-    rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
-    label = (f"prompt {idx[0] + 1}/{N}" if len(idx) == 1 else
-             f"prompts {idx[0] + 1}-{idx[-1] + 1}/{N}")
-
-    def progress(si, k, secs, label=label):
-      hh, ww = schedule.scales[si]
-      print(f"[{label}] scale {si + 1:2d}/{k} ({hh}x{ww}): {secs * 1e3:8.1f} ms",
-            file=sys.stderr)
-
-    res = gen(feats[rows], lens[rows], seed=FLAGS.seed + c, negative=neg, progress=progress)
-    print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
-    batch_images = np.asarray(res.image_BHW3[:len(idx)])
-    image_shape = [N] + list(batch_images.shape[1:])
-    for row, i in enumerate(idx):
-      name = f"{i:03d}_{slug(prompts[i])}.png"
-      img8 = outputs.to_uint8(batch_images[row])
-      outputs.save_png(os.path.join(out_dir, name), img8)
-      grid.add(img8)
-      files.append(name)
-      entries.append({"index": i, "prompt": prompts[i], "tokens": int(lens[i]),
-                      "tokens_before_truncation": tokens_full[i],
-                      "truncated": tokens_full[i] > text.MAX_LEN,
-                      "seed": FLAGS.seed + c, "batch_row": row, "file": name})
-    if FLAGS.save_npz:
-      images.append(batch_images)
-      for si, b in enumerate(res.bits_per_scale):
-        bits[si].append(b[:len(idx)])
-    calls.append({"prompts": idx, "seed": FLAGS.seed + c,
-                  "per_scale_seconds": res.scale_seconds, "decode_seconds": res.decode_seconds})
-
-  outputs.save_png(os.path.join(out_dir, "grid.png"), grid.grid())
-  files.append("grid.png")
-  if FLAGS.save_npz:
-    arrays = {f"bits_scale{si}": np.concatenate(b) for si, b in enumerate(bits)}
-    outputs.save_npz(os.path.join(out_dir, "samples.npz"), image_BHW3=np.concatenate(images),
-                     **arrays)
-    files.append("samples.npz")
-  files.append("report.json")
   report = {
       "mode": "infinity",
       "model": source,
       "random_weights": demo,
-      "t5": None if demo else os.path.abspath(FLAGS.t5),
+      "t5": None if demo else os.path.abspath(iargs.t5),
       "text_features": ("random, seeded from each prompt's text (demo: no T5)" if demo
                         else "T5 encoder"),
       "config": {"depth": icfg.depth, "embed_dim": icfg.embed_dim, "d_vae": icfg.d_vae,
                  "text_channels": icfg.text_channels},
-      "prompts": entries,
+      "prompts": [],
       "negative_prompt": negative,
       "truncation_warnings": trunc_msgs,
       "aspect": {"requested": aspect, "requested_h_div_w": h_div_w,
@@ -335,18 +288,62 @@ def run(cfgs: dict, err, setup_jax, resolve_dtype) -> dict:
       "schedule": [list(hw) for hw in schedule.scales],
       "image_hw": list(schedule.image_hw),
       "settings": {"cfg": list(cfgs_ps), "tau": list(taus_ps), "top_k": settings.top_k,
-                   "top_p": settings.top_p, "seed": FLAGS.seed, "batch": batch,
+                   "top_p": settings.top_p, "seed": args.seed, "batch": batch,
                    "text_len": text_len, "dtype": dtype_name, "attn_impl": attn_impl},
-      "device": str(jax.devices()[0]),
-      "seconds": {"load_and_build": load_s, "text_encode": text_s,
-                  "calls": calls, "first_call_includes_compile": True,
-                  "total_generate": sum(sum(c["per_scale_seconds"]) + c["decode_seconds"]
-                                        for c in calls)},
-      "image_shape": image_shape,
-      "grid": {"images": len(grid.images), "of": N,
-               "thumbnails": len(grid.images) > grid.full_res_upto},
-      "files": files,
+      **runner.common_report(args, plan, jax, dtype_name, attn_impl),
+      "interrupted": None,
   }
-  outputs.save_json(os.path.join(out_dir, "report.json"), report)
-  print(f"wrote {N} images, grid.png and report.json to {out_dir}", file=sys.stderr)
+  # Each image goes to disk as soon as its batch is decoded (an interrupted run keeps what it
+  # made); RAM holds the grid's first 64 thumbnails, plus float images/bits for --save_npz.
+  grid = outputs.GridCollector()
+  images, bits, calls = [], [[] for _ in range(n)], []
+  image_shape = None
+  try:
+    with runner.sigterm_as_exception():
+      for start in range(0, N, batch):
+        idx = list(range(start, min(start + batch, N)))
+        rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
+        label = (f"prompt {idx[0] + 1}/{N}" if len(idx) == 1 else
+                 f"prompts {idx[0] + 1}-{idx[-1] + 1}/{N}")
+        res = loop(feats[rows], lens[rows], keys=row_keys(args.seed, rows), negative=neg,
+                   progress=runner.progress_printer(label, schedule.scales))
+        print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
+        batch_images = np.asarray(res.image_BHW3[:len(idx)])
+        image_shape = [N] + list(batch_images.shape[1:])
+        for row, i in enumerate(idx):
+          name = f"{i:03d}_{slug(prompts[i])}.png"
+          img8 = outputs.to_uint8(batch_images[row])
+          out.png(name, img8)
+          grid.add(img8)
+          report["prompts"].append({
+              "index": i, "prompt": prompts[i], "tokens": int(lens[i]),
+              "tokens_before_truncation": tokens_full[i],
+              "truncated": tokens_full[i] > text.MAX_LEN, "seed": args.seed,
+              "call": len(calls), "batch_row": row, "file": name})
+        if args.save_npz:
+          images.append(batch_images)
+          for si, b in enumerate(res.tokens_per_scale):
+            bits[si].append(b[:len(idx)])
+        calls.append({"prompts": idx, "per_scale_seconds": res.scale_seconds,
+                      "decode_seconds": res.decode_seconds})
+  except (KeyboardInterrupt, runner.Terminated) as e:
+    report["interrupted"] = runner.interruption_name(e)
+    raise
+  finally:
+    if grid.images:
+      out.png("grid.png", grid.grid())
+    if args.save_npz and images:
+      arrays = {f"bits_scale{si}": np.concatenate(b) for si, b in enumerate(bits) if b}
+      out.npz("samples.npz", image_BHW3=np.concatenate(images), **arrays)
+    report["seconds"] = {
+        "load_and_build": load_s, "text_encode": text_s, "calls": calls,
+        "first_call_includes_compile": True,
+        "total_generate": sum(sum(c["per_scale_seconds"]) + c["decode_seconds"]
+                              for c in calls)}
+    report["image_shape"] = image_shape
+    report["grid"] = {"images": len(grid.images), "of": N,
+                      "thumbnails": len(grid.images) > grid.full_res_upto}
+    report["files"] = out.files + ["report.json"]
+    out.json("report.json", report)
+  print(f"wrote {N} images, grid.png and report.json to {out.path}", file=sys.stderr)
   return report

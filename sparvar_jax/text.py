@@ -195,18 +195,12 @@ def _pad(rows: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, mask
 
 
-def load_t5(t5_dir: str, dtype=jnp.float32):
-  """Loads a converted T5 directory: returns (T5Encoder with weights in dtype, T5Tokenizer).
-
-  The directory is the output of `python -m convert.t5`: config.json, t5/ and
-  spiece.model.
-  """
-  from flax import nnx  # pylint: disable=g-import-not-at-top
+def read_t5_config(t5_dir: str):
+  """The T5Config of a converted T5 directory (checked: config.json, spiece.model)."""
   from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from sparvar_jax.configs import T5Config  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.models.t5 import T5Encoder  # pylint: disable=g-import-not-at-top
 
-  spiece = _spiece_path(t5_dir)
+  _spiece_path(t5_dir)
   cfg_path = os.path.join(t5_dir, checkpoint.CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise T5LoadError(f"T5 directory {t5_dir!r} has no {checkpoint.CONFIG_FILE}: it must "
@@ -225,8 +219,22 @@ def load_t5(t5_dir: str, dtype=jnp.float32):
   cfg = cfgs["t5"]
   if not isinstance(cfg, T5Config):
     raise T5LoadError(f"{cfg_path!r}: configs.t5 is a {type(cfg).__name__}, not a T5Config.")
+  return cfg
+
+
+def load_t5(t5_dir: str, dtype=jnp.float32, *, cfg=None, tokenizer: T5Tokenizer | None = None):
+  """Loads a converted T5 directory: returns (T5Encoder with weights in dtype, T5Tokenizer).
+
+  The directory is the output of `python -m convert.t5`: config.json, t5/ and
+  spiece.model. cfg / tokenizer: already read from the same directory (not read again).
+  """
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.models.t5 import T5Encoder  # pylint: disable=g-import-not-at-top
+
+  cfg = cfg or read_t5_config(t5_dir)
   tree = checkpoint.read_tree(t5_dir, T5_TREE)
   # Build without materialising random weights (1.2B parameters for flan-t5-xl).
   encoder = nnx.eval_shape(lambda: T5Encoder(cfg, rngs=nnx.Rngs(0), dtype=dtype))
   checkpoint.load_into(encoder, tree, what="T5 encoder")
-  return encoder, T5Tokenizer(spiece)
+  return encoder, tokenizer or T5Tokenizer(_spiece_path(t5_dir))

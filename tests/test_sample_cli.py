@@ -65,7 +65,7 @@ def test_default_run_writes_grid_report_and_npz(tmp_path):
     (["--cfg", "nan"], ["cfg must be"]),
     (["--top_k", "-3"], ["top_k must be >= 0"]),
     (["--top_k", "5000"], ["exceeds the vocabulary size 4096"]),
-    (["--top_p", "1.5"], ["top_p must be in [0, 1)"]),
+    (["--top_p", "1.5"], ["top_p must be in [0, 1]"]),
     (["--seed", "4294967296"], ["--seed must be in [0, 2**32)"]),
     (["--seed", "-1"], ["--seed must be in [0, 2**32)"]),
     (["--checkpoint", "/nonexistent/ckpt"], ["does not exist", "convert"]),

@@ -93,7 +93,8 @@ def test_greedy_run_files_report_truncation_and_determinism(env, tmp_path):
   assert len(r["truncation_warnings"]) == 1
   assert f"last {dropped} tokens were dropped" in r["truncation_warnings"][0]
   assert not any(e["truncated"] for i, e in enumerate(r["prompts"]) if i != 1)
-  assert [(e["seed"], e["batch_row"]) for e in r["prompts"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  assert [(e["call"], e["batch_row"]) for e in r["prompts"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  assert {e["seed"] for e in r["prompts"]} == {0} and "fold_in" in r["key_derivation"]
   calls = r["seconds"]["calls"]
   assert [c["prompts"] for c in calls] == [[0, 1], [2, 3]]
   assert all(len(c["per_scale_seconds"]) == 7 and c["decode_seconds"] > 0 for c in calls)
@@ -171,7 +172,7 @@ _ERRORS = [
                                                            "1M schedule has 13 scales"], False),
     (["--t5", "{t5}", "--prompt", "x", "--tau", "inf"], ["--tau values must be finite"], False),
     (["--t5", "{t5}", "--prompt", "x", "--top_k", "-1"], ["top_k must be >= 0"], False),
-    (["--t5", "{t5}", "--prompt", "x", "--top_p", "1.0"], ["top_p must be in [0, 1)"], False),
+    (["--t5", "{t5}", "--prompt", "x", "--top_p", "1.5"], ["top_p must be in [0, 1]"], False),
     (["--t5", "{t5}", "--prompt", "x", "--batch", "0"], ["--batch must be >= 1"], False),
     (["--t5", "{t5}", "--prompt", "x", "--labels", "3"], ["--labels", "only apply to VAR"],
      False),
@@ -245,4 +246,4 @@ def test_many_prompts_stream_to_disk_with_a_bounded_grid(env, tmp_path):
   assert _png_hw(out / "069_prompt-number-69.png") == (256, 256)
   # 8 columns x 8 rows of 256-px thumbnails (the images are 256 px: factor 1) + 2-px padding
   assert _png_hw(out / "grid.png") == (2 + 8 * 258, 2 + 8 * 258)
-  assert [(e["seed"], e["batch_row"]) for e in r["prompts"]][8:10] == [(1, 0), (1, 1)]
+  assert [(e["call"], e["batch_row"]) for e in r["prompts"]][8:10] == [(1, 0), (1, 1)]

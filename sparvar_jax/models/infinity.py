@@ -246,12 +246,14 @@ def abstract_infinity(cfg: InfinityConfig, dtype=jnp.float32, *, param_dtype=jnp
 
 
 def load_infinity(ckpt_dir: str, dtype=jnp.float32, *, param_dtype=jnp.float32,
-                  attn_impl: str = "xla", bf16_cross_attn: bool = True, with_vae: bool = True):
+                  attn_impl: str = "xla", bf16_cross_attn: bool = True, with_vae: bool = True,
+                  cfgs: dict | None = None):
   """Reads a directory written by `python -m convert.infinity` -> (Infinity, BSQ VAE or
-  None, {name: config})."""
+  None, {name: config}). cfgs: the directory's configs when already read."""
   from sparvar_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
-  cfgs, _ = checkpoint.read_config(ckpt_dir)
+  if cfgs is None:
+    cfgs, _ = checkpoint.read_config(ckpt_dir)
   cfg = cfgs.get("infinity")
   if not isinstance(cfg, InfinityConfig) or "vae" not in cfgs:
     raise checkpoint.CheckpointError(

@@ -18,6 +18,8 @@ x, so the queries that see a key form an interval per axis).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from pallas_kernels.block_mask import BlockMask, TokenBoxRule
@@ -117,6 +119,35 @@ def csla_block_mask(query_scale: int, block_q: int = 128, block_kv: int = 128,
   """
   rule = csla_rule(query_scale, schedule, sink_scales, win_size)
   return BlockMask.from_rule(rule, block_q=block_q, block_kv=block_kv)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_rule(grids, query_scale: int, sink_scales: int, win_size) -> TokenBoxRule:
+  """`csla_rule` kept per (schedule, setting): plans ask for it at every trace."""
+  return csla_rule(query_scale, grids, sink_scales, win_size)
+
+
+@functools.lru_cache(maxsize=64)
+def cached_block_mask(grids, query_scale: int, sink_scales: int, win_size,
+                      block: int) -> BlockMask:
+  return BlockMask.from_rule(cached_rule(grids, query_scale, sink_scales, win_size),
+                             block_q=block, block_kv=block)
+
+
+@functools.lru_cache(maxsize=16)
+def cached_token_mask(grids, query_scale: int, sink_scales: int, win_size, block: int,
+                      exact: bool) -> np.ndarray:
+  """bool [l, kv_len]: what the kernel attends: the rule (exact) or every token of the
+  visited blocks (block-granular, the authors' FlexAttention semantics)."""
+  rule = cached_rule(grids, query_scale, sink_scales, win_size)
+  if exact:
+    return rule.token_mask()
+  mask = cached_block_mask(grids, query_scale, sink_scales, win_size, block)
+  blocks = mask.block_types()[0, 0] > 0
+  keep = np.repeat(np.repeat(blocks, block, axis=0), block, axis=1)
+  out = np.ascontiguousarray(keep[:rule.q_len, :rule.kv_len])
+  out.setflags(write=False)
+  return out
 
 
 # ------------------------------------------------------------------- 2D query tiles (finer)
