@@ -154,6 +154,7 @@ class OutputRun:
   exactly the files this run wrote."""
 
   def __init__(self, path: str, overwrite: bool = False, flag: str = "--out"):
+    self.created = not os.path.exists(path)
     self.path = prepare_dir(path)
     remove_stale_temps(self.path)
     present = sorted(f for f in os.listdir(self.path) if not f.startswith(TMP_PREFIX))
@@ -164,6 +165,14 @@ class OutputRun:
                         f"or new {flag}, or pass --overwrite to replace this run's files there "
                         "(other files are left alone).")
     self.files: list[str] = []
+
+  def discard_if_empty(self) -> None:
+    """Removes the folder when this run created it and wrote nothing (a failed run)."""
+    if self.created and not self.files:
+      try:
+        os.rmdir(self.path)
+      except OSError:
+        pass
 
   def _record(self, name: str) -> str:
     if os.sep in name or name.startswith("."):

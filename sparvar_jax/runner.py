@@ -145,6 +145,24 @@ def interruption_name(exc: BaseException) -> str:
   return "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C (SIGINT)"
 
 
+@contextlib.contextmanager
+def finishing(out, report: dict, finalize):
+  """Runs a generation body. On success, and on Ctrl-C or SIGTERM (the report then says
+  `interrupted`), `finalize()` writes what was made and the report; on any other error
+  nothing more is written and a folder this run created and left empty is removed."""
+  try:
+    with sigterm_as_exception():
+      yield
+  except (KeyboardInterrupt, Terminated) as e:
+    report["interrupted"] = interruption_name(e)
+    finalize()
+    raise
+  except BaseException:
+    out.discard_if_empty()
+    raise
+  finalize()
+
+
 def common_report(args: RunArgs, plan, jax, dtype_name: str, attn_impl: str) -> dict[str, Any]:
   """The settings every report carries: attention plan, loop options, numerics, device."""
   from sparvar_jax.generate import KEY_DERIVATION  # pylint: disable=g-import-not-at-top

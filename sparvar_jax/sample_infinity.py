@@ -298,38 +298,7 @@ def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
   grid = outputs.GridCollector()
   images, bits, calls = [], [[] for _ in range(n)], []
   image_shape = None
-  try:
-    with runner.sigterm_as_exception():
-      for start in range(0, N, batch):
-        idx = list(range(start, min(start + batch, N)))
-        rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
-        label = (f"prompt {idx[0] + 1}/{N}" if len(idx) == 1 else
-                 f"prompts {idx[0] + 1}-{idx[-1] + 1}/{N}")
-        res = loop(feats[rows], lens[rows], keys=row_keys(args.seed, rows), negative=neg,
-                   progress=runner.progress_printer(label, schedule.scales))
-        print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
-        batch_images = np.asarray(res.image_BHW3[:len(idx)])
-        image_shape = [N] + list(batch_images.shape[1:])
-        for row, i in enumerate(idx):
-          name = f"{i:03d}_{slug(prompts[i])}.png"
-          img8 = outputs.to_uint8(batch_images[row])
-          out.png(name, img8)
-          grid.add(img8)
-          report["prompts"].append({
-              "index": i, "prompt": prompts[i], "tokens": int(lens[i]),
-              "tokens_before_truncation": tokens_full[i],
-              "truncated": tokens_full[i] > text.MAX_LEN, "seed": args.seed,
-              "call": len(calls), "batch_row": row, "file": name})
-        if args.save_npz:
-          images.append(batch_images)
-          for si, b in enumerate(res.tokens_per_scale):
-            bits[si].append(b[:len(idx)])
-        calls.append({"prompts": idx, "per_scale_seconds": res.scale_seconds,
-                      "decode_seconds": res.decode_seconds})
-  except (KeyboardInterrupt, runner.Terminated) as e:
-    report["interrupted"] = runner.interruption_name(e)
-    raise
-  finally:
+  def finalize():
     if grid.images:
       out.png("grid.png", grid.grid())
     if args.save_npz and images:
@@ -345,5 +314,33 @@ def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
                       "thumbnails": len(grid.images) > grid.full_res_upto}
     report["files"] = out.files + ["report.json"]
     out.json("report.json", report)
+
+  with runner.finishing(out, report, finalize):
+    for start in range(0, N, batch):
+      idx = list(range(start, min(start + batch, N)))
+      rows = idx + [idx[-1]] * (batch - len(idx))  # pad the last chunk; copies are dropped
+      label = (f"prompt {idx[0] + 1}/{N}" if len(idx) == 1 else
+               f"prompts {idx[0] + 1}-{idx[-1] + 1}/{N}")
+      res = loop(feats[rows], lens[rows], keys=row_keys(args.seed, rows), negative=neg,
+                 progress=runner.progress_printer(label, schedule.scales))
+      print(f"[{label}] decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
+      batch_images = np.asarray(res.image_BHW3[:len(idx)])
+      image_shape = [N] + list(batch_images.shape[1:])
+      for row, i in enumerate(idx):
+        name = f"{i:03d}_{slug(prompts[i])}.png"
+        img8 = outputs.to_uint8(batch_images[row])
+        out.png(name, img8)
+        grid.add(img8)
+        report["prompts"].append({
+            "index": i, "prompt": prompts[i], "tokens": int(lens[i]),
+            "tokens_before_truncation": tokens_full[i],
+            "truncated": tokens_full[i] > text.MAX_LEN, "seed": args.seed,
+            "call": len(calls), "batch_row": row, "file": name})
+      if args.save_npz:
+        images.append(batch_images)
+        for si, b in enumerate(res.tokens_per_scale):
+          bits[si].append(b[:len(idx)])
+      calls.append({"prompts": idx, "per_scale_seconds": res.scale_seconds,
+                    "decode_seconds": res.decode_seconds})
   print(f"wrote {N} images, grid.png and report.json to {out.path}", file=sys.stderr)
   return report

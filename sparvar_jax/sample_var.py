@@ -128,24 +128,8 @@ def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
       "interrupted": None,
   }
   res = None
-  try:
-    with runner.sigterm_as_exception():
-      res = loop(labels, keys=row_keys(args.seed, range(batch)),
-                 progress=runner.progress_printer("", schedule.scales))
-      print(f"decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
-      for i, img in enumerate(res.image_BHW3):
-        name = f"{i:03d}_class{labels[i]}.png"
-        out.png(name, img)
-        report["images"].append({"index": i, "label": labels[i], "file": name})
-      out.png("grid.png", outputs.make_grid(res.image_BHW3))
-      if args.save_npz:
-        arrays = {f"idx_scale{si}": a for si, a in enumerate(res.tokens_per_scale)}
-        out.npz("samples.npz", image_BHW3=res.image_BHW3,
-                labels_B=np.asarray(labels, np.int32), **arrays)
-  except (KeyboardInterrupt, runner.Terminated) as e:
-    report["interrupted"] = runner.interruption_name(e)
-    raise
-  finally:
+
+  def finalize():
     if res is not None:
       report["seconds"] = {"load_and_build": load_s,
                            "per_scale_first_run_incl_compile": res.scale_seconds,
@@ -154,6 +138,20 @@ def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
       report["image_shape"] = list(res.image_BHW3.shape)
     report["files"] = out.files + ["report.json"]
     out.json("report.json", report)
+
+  with runner.finishing(out, report, finalize):
+    res = loop(labels, keys=row_keys(args.seed, range(batch)),
+               progress=runner.progress_printer("", schedule.scales))
+    print(f"decode: {res.decode_seconds * 1e3:.1f} ms", file=sys.stderr)
+    for i, img in enumerate(res.image_BHW3):
+      name = f"{i:03d}_class{labels[i]}.png"
+      out.png(name, img)
+      report["images"].append({"index": i, "label": labels[i], "file": name})
+    out.png("grid.png", outputs.make_grid(res.image_BHW3))
+    if args.save_npz:
+      arrays = {f"idx_scale{si}": a for si, a in enumerate(res.tokens_per_scale)}
+      out.npz("samples.npz", image_BHW3=res.image_BHW3, labels_B=np.asarray(labels, np.int32),
+              **arrays)
   print(f"wrote {len(report['images'])} images, grid.png and report.json to {out.path}",
         file=sys.stderr)
   return report

@@ -137,3 +137,91 @@ def test_labels_are_checked_against_the_checkpoints_class_count(tmp_path):
            "--labels", "3,50", "--top_k", "1")
   _assert_clean_error(p, "error:", "class ids must be in [0, 10)", "50")
   assert not (tmp_path / "o" / "report.json").exists()
+
+
+def _run_with_umask(umask, *args):
+  # A shell sets the umask: preexec_fn would fork this multithreaded (JAX) process.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  cmd = ["sh", "-c", f'umask {umask:03o} && exec "$0" -m sparvar_jax.sample --demo var "$@"',
+         sys.executable, *args]
+  return subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_output_folder_is_never_clobbered_silently(tmp_path):
+  """A non-empty --out is refused; --overwrite replaces this run's files only; the report
+  lists exactly what the run wrote; modes follow the umask; a killed run's temp is removed."""
+  out = tmp_path / "o"
+  out.mkdir()
+  (out / "thesis.tex").write_text("years of work")
+  (out / "000_class3.png").write_text("a stale image from another run")
+  stale = out / ".sparvar-tmp-000_class3.png.k2j3h"
+  stale.write_text("left by a SIGKILLed run")
+  p = _run("--out", str(out), "--labels", "3", "--batch", "1", "--top_k", "1")
+  _assert_clean_error(p, "is not empty", "thesis.tex", "--overwrite")
+  assert (out / "thesis.tex").read_text() == "years of work"
+  p = _run_with_umask(0o027, "--out", str(out), "--labels", "3", "--batch", "1", "--top_k", "1",
+                      "--overwrite")
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads((out / "report.json").read_text())
+  assert report["files"] == ["000_class3.png", "grid.png", "report.json"]
+  assert report["interrupted"] is None
+  assert (out / "thesis.tex").read_text() == "years of work"  # not ours: untouched
+  assert (out / "000_class3.png").read_bytes()[:4] == b"\x89PNG"  # ours: replaced
+  assert not stale.exists()
+  for name in report["files"]:
+    assert (out / name).stat().st_mode & 0o777 == 0o640, name
+
+
+def test_failed_run_leaves_nothing(tmp_path):
+  """Out of memory (a million images at once) is one paragraph, and the run's folder goes."""
+  out = tmp_path / "oom"
+  p = _run("--out", str(out), "--batch", "1000000")
+  _assert_clean_error(p, "out of memory", "--batch")
+  assert not out.exists()
+
+
+def test_seed_derivation_has_no_overflow_and_is_reported(tmp_path):
+  out = tmp_path / "s"
+  p = _run("--out", str(out), "--labels", "5", "--batch", "2", "--seed", "4294967295",
+           "--save_npz")
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads((out / "report.json").read_text())
+  assert report["seed"] == 4294967295 and "fold_in" in report["key_derivation"]
+  npz = np.load(out / "samples.npz")
+  # the same label, two keys: two different images
+  assert not np.array_equal(npz["idx_scale9"][0], npz["idx_scale9"][1])
+
+
+def test_sparvar_from_the_cli(tmp_path):
+  out = tmp_path / "sv"
+  p = _run("--out", str(out), "--batch", "1", "--attention", "sparvar", "--skip_last_scales",
+           "1", "--drop_uncond_last_scales", "1")
+  assert p.returncode == 0, p.stderr[-3000:]
+  report = json.loads((out / "report.json").read_text())
+  plan = report["attention_plan"]
+  assert plan["attention"] == "sparvar" and plan["sparvar"]["decision_scale"] == 7
+  assert [s["kind"] for s in plan["scales"][7]] == ["dense_colsum"]  # depth 2: CS4A only
+  assert [s["kind"] for s in plan["scales"][8]] == ["cs4a"]
+  assert report["loop"] == {"skip_last_scales": 1, "drop_uncond_last_scales": 1}
+  assert len(report["seconds"]["per_scale_first_run_incl_compile"]) == 9
+  assert "scale  9/9" in p.stderr
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["--sparvar_top_keys", "0.3"], ["--sparvar_top_keys only apply with --attention sparvar"]),
+    (["--attention", "sparvar", "--sparvar_top_keys", "0"], ["top_keys must be in (0, 1]"]),
+    (["--attention", "sparvar", "--sparvar_decision_scale", "9"],
+     ["decision_scale=9 does not fit a schedule of 10 scales"]),
+    (["--attention", "sparvar", "--sparvar_csla_windows", "1,2"],
+     ["csla_windows has 2 entries but the schedule has 10"]),
+    (["--attention", "sparvar", "--sparvar_csla_windows", "a"],
+     ["--sparvar_csla_windows must be comma-separated integers"]),
+    (["--skip_last_scales", "10"], ["skip_last_scales must be in [0, 9]"]),
+    (["--drop_uncond_last_scales", "-1"], ["--drop_uncond_last_scales must be >= 0"]),
+    (["--checkpoint", __file__], ["is a file", "python -m convert.var"]),
+])
+def test_sparvar_and_checkpoint_refusals(tmp_path, args, needles):
+  out = tmp_path / "o"
+  p = _run("--out", str(out), *args, demo=None if "--checkpoint" in args else "var")
+  _assert_clean_error(p, "error:", *needles)
+  assert not out.exists()

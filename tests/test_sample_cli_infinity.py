@@ -247,3 +247,33 @@ def test_many_prompts_stream_to_disk_with_a_bounded_grid(env, tmp_path):
   # 8 columns x 8 rows of 256-px thumbnails (the images are 256 px: factor 1) + 2-px padding
   assert _png_hw(out / "grid.png") == (2 + 8 * 258, 2 + 8 * 258)
   assert [(e["call"], e["batch_row"]) for e in r["prompts"]][8:10] == [(1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("sig,code,name", [("SIGINT", 130, "Ctrl-C (SIGINT)"),
+                                           ("SIGTERM", 143, "SIGTERM")])
+def test_interrupted_run_keeps_finished_images_and_says_so(tmp_path, sig, code, name):
+  import signal
+  import subprocess
+  import sys
+  import time
+  from tests.test_sample_cli import _ROOT
+  out = tmp_path / "int"
+  args = ["--pn", "0.06M", "--batch", "1"]
+  for i in range(12):
+    args += ["--prompt", f"prompt {i}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=_ROOT)
+  proc = subprocess.Popen([sys.executable, "-m", "sparvar_jax.sample", "--out", str(out), *args],
+                          cwd=_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 200
+  while time.time() < deadline and not list(out.glob("000_*.png")):
+    time.sleep(0.2)
+  proc.send_signal(getattr(signal, sig))
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == code, err[-3000:]
+  assert "Traceback" not in err and "images finished so far" in err
+  r = json.loads((out / "report.json").read_text())
+  assert r["interrupted"] == name
+  assert 1 <= len(r["prompts"]) < 12
+  assert sorted(os.listdir(out)) == sorted(r["files"])  # no temp file, nothing unlisted
+  for e in r["prompts"]:
+    assert _png_hw(out / e["file"]) == (256, 256)  # complete PNGs
