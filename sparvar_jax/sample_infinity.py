@@ -148,6 +148,48 @@ def slug(prompt: str, n: int = 40) -> str:
   return s or "prompt"
 
 
+def load_models(ckpt: str | None, t5_dir: str | None, cfgs: dict | None, dtype, attn_impl: str,
+                seed: int, *, t5_cfg=None, tok=None):
+  """(Infinity, BSQ VAE, T5 encoder or None, description): a converted checkpoint and T5,
+  or without ckpt the random tiny demo model (no T5: `text_features` makes random ones)."""
+  from sparvar_jax import configs, text  # pylint: disable=g-import-not-at-top
+  if ckpt is None:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
+    from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
+    icfg = configs.INFINITY_DEMO
+    rngs = nnx.Rngs(seed)
+    model = Infinity(icfg, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
+    vae = BSQVAE(configs.BSQ_DEMO, rngs=rngs)
+    return model, vae, None, (
+        f"embedded default: tiny Infinity (depth {icfg.depth}, width {icfg.embed_dim}) and BSQ "
+        "VAE with RANDOM weights; random text features instead of T5")
+  from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
+  encoder, _ = text.load_t5(t5_dir, dtype, cfg=t5_cfg, tokenizer=tok)
+  model, vae, _ = load_infinity(ckpt, dtype, attn_impl=attn_impl, cfgs=cfgs)
+  icfg = model.cfg
+  return model, vae, encoder, (
+      f"Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
+      f"{icfg.embed_dim}); T5 {os.path.abspath(t5_dir)}")
+
+
+def text_features(encoder, tok, icfg, texts, what: str = "prompts", trunc_msgs=None):
+  """T5 features (or the demo's random ones without an encoder) -> (feats, lens); warnings
+  about truncated prompts go to stderr and to `trunc_msgs`."""
+  from sparvar_jax import text  # pylint: disable=g-import-not-at-top
+  if encoder is None:
+    return _demo_features(texts, icfg.text_channels)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", text.PromptTruncatedWarning)
+    enc = encode_texts(encoder, tok, texts)
+  for w in caught:
+    msg = f"{what}: {w.message}"
+    if issubclass(w.category, text.PromptTruncatedWarning) and trunc_msgs is not None:
+      trunc_msgs.append(msg)
+    print(f"warning: {msg}", file=sys.stderr)
+  return enc
+
+
 def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
   """Infinity mode; raises UsageError (and the loaders' errors) on bad input."""
   from sparvar_jax import configs, outputs, schedules, text  # pylint: disable=g-import-not-at-top
@@ -220,42 +262,19 @@ def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
   from sparvar_jax.generate import ScaleLoop, row_keys  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
+  model, vae, encoder, source = load_models(ckpt, iargs.t5, cfgs, dtype, attn_impl, args.seed,
+                                            t5_cfg=t5_cfg, tok=tok)
+  print(f"model: {source}", file=sys.stderr)
   if demo:
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    from sparvar_jax.models.infinity import Infinity  # pylint: disable=g-import-not-at-top
-    from sparvar_jax.vae.bsq import BSQVAE  # pylint: disable=g-import-not-at-top
-    rngs = nnx.Rngs(args.seed)
-    model = Infinity(icfg, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
-    vae = BSQVAE(configs.BSQ_DEMO, rngs=rngs)
-    source = (f"embedded default: tiny Infinity (depth {icfg.depth}, width {icfg.embed_dim}) "
-              "and BSQ VAE with RANDOM weights; random text features instead of T5")
-    print(f"model: {source}", file=sys.stderr)
     print("note: the default model's weights are random, so its images are noise; pass "
           "--checkpoint (and --t5) for real images.", file=sys.stderr)
-  else:
-    from sparvar_jax.models.infinity import load_infinity  # pylint: disable=g-import-not-at-top
-    encoder, _ = text.load_t5(iargs.t5, dtype, cfg=t5_cfg, tokenizer=tok)
-    model, vae, _ = load_infinity(ckpt, dtype, attn_impl=attn_impl, cfgs=cfgs)
-    source = f"checkpoint {os.path.abspath(ckpt)}"
-    print(f"model: Infinity checkpoint {os.path.abspath(ckpt)} (depth {icfg.depth}, width "
-          f"{icfg.embed_dim}); T5 {os.path.abspath(iargs.t5)}", file=sys.stderr)
   load_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()
   trunc_msgs = []
 
   def encode(texts, what):
-    if demo:
-      return _demo_features(texts, icfg.text_channels)
-    with warnings.catch_warnings(record=True) as caught:
-      warnings.simplefilter("always", text.PromptTruncatedWarning)
-      enc = encode_texts(encoder, tok, texts)
-    for w in caught:
-      msg = f"{what}: {w.message}"
-      if issubclass(w.category, text.PromptTruncatedWarning):
-        trunc_msgs.append(msg)
-      print(f"warning: {msg}", file=sys.stderr)
-    return enc
+    return text_features(encoder, tok, icfg, texts, what, trunc_msgs)
 
   feats, lens = encode(prompts, "prompts")
   neg = None

@@ -47,18 +47,19 @@ def parse_labels(text: str | None, batch: int | None) -> tuple[list[int] | None,
   return labels, batch
 
 
-def _load(args: RunArgs, dtype, attn_impl: str):
+def load_models(checkpoint: str | None, seed: int, dtype, attn_impl: str):
+  """(VAR, VQVAE, description): a converted checkpoint, or the random tiny demo model."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
   from sparvar_jax.models import var as var_lib  # pylint: disable=g-import-not-at-top
   from sparvar_jax.vae import var_vqvae  # pylint: disable=g-import-not-at-top
-  if args.checkpoint is None:
-    rngs = nnx.Rngs(args.seed)
+  if checkpoint is None:
+    rngs = nnx.Rngs(seed)
     var = var_lib.VAR(configs.VAR_DEMO, rngs=rngs, dtype=dtype, attn_impl=attn_impl)
     vae = var_vqvae.VQVAE(configs.VQVAE_DEMO, rngs=rngs)
     return var, vae, "embedded default: tiny VAR (depth 2, width 128) with RANDOM weights"
-  var, vae = var_lib.load_var(args.checkpoint, dtype=dtype, attn_impl=attn_impl)
-  return var, vae, f"checkpoint {os.path.abspath(args.checkpoint)}"
+  var, vae = var_lib.load_var(checkpoint, dtype=dtype, attn_impl=attn_impl)
+  return var, vae, f"checkpoint {os.path.abspath(checkpoint)}"
 
 
 def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
@@ -101,7 +102,7 @@ def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
   from sparvar_jax.generate import ScaleLoop, row_keys  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
-  var, vae, source = _load(args, dtype, attn_impl)
+  var, vae, source = load_models(args.checkpoint, args.seed, dtype, attn_impl)
   print(f"model: {source}", file=sys.stderr)
   if args.checkpoint is None:
     print("note: the default model's weights are random, so its images are noise; pass "

@@ -100,7 +100,7 @@ class DenseAttention:
   """Plain attention over the valid keys: the default for every layer of every scale.
 
   Called by `SelfAttention` as `attend(q, k_buf, v_buf, kv_len, state, scale=, impl=,
-  mask=)` -> (o_BLHc, state_out), the interface every layer-attention kind of an
+  mask=, layer=)` -> (o_BLHc, state_out), the interface every layer-attention kind of an
   attention plan has (sparvar_jax/sparse/plan.py): k_buf/v_buf may hold rows past kv_len
   (the padded KV cache) that must not be attended. `consumes_state` / `produces_state` say
   whether the layer reads or writes per-layer sparse state (SparVAR's decision indices).
@@ -111,8 +111,8 @@ class DenseAttention:
   produces_state = False
 
   def __call__(self, q_BLHc, k_BSHc, v_BSHc, kv_len: int, state=None, *, scale: float,
-               impl: str, mask=None):
-    del state
+               impl: str, mask=None, layer=None):
+    del state, layer
     if k_BSHc.shape[1] != kv_len:
       k_BSHc, v_BSHc = k_BSHc[:, :kv_len], v_BSHc[:, :kv_len]
     return attention(q_BLHc, k_BSHc, v_BSHc, mask=mask, scale=scale, impl=impl), None

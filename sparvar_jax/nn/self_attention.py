@@ -89,5 +89,5 @@ class SelfAttention(nnx.Module):
       k, v = cache.layer_view(layer)
       kv_len = offset + q.shape[1]
     o_BLHc, attn_out = attend(q, k, v, kv_len, attn_state, scale=self.scale,
-                              impl=self.attn_impl, mask=mask)
+                              impl=self.attn_impl, mask=mask, layer=layer)
     return self.out(o_BLHc), cache, attn_out

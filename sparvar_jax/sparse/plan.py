@@ -52,8 +52,9 @@ def _tile(size: int, preferred: int = 64) -> int:
 class LayerAttention:
   """SparVAR's attention for the layers of one segment at scale `scale` (static).
 
-  Called as `attend(q, k_buf, v_buf, kv_len, state, scale=, impl=, mask=)` -> (o, state_out)
-  by SelfAttention; k_buf / v_buf are the layer's KV-cache buffers, valid up to kv_len."""
+  Called as `attend(q, k_buf, v_buf, kv_len, state, scale=, impl=, mask=, layer=)` ->
+  (o, state_out) by SelfAttention; k_buf / v_buf are the layer's KV-cache buffers, valid up
+  to kv_len."""
   kind: str
   scale: int
   sparvar: ResolvedSparVAR
@@ -74,8 +75,8 @@ class LayerAttention:
     return self.kernels
 
   def __call__(self, q, k_buf, v_buf, kv_len: int, state=None, *, scale: float, impl: str,
-               mask=None):
-    del impl
+               mask=None, layer=None):
+    del impl, layer
     if mask is not None:
       raise ValueError(f"{self.kind} attention takes no mask (KV-cached scale steps only)")
     mode = self._mode(q)
