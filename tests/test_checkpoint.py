@@ -138,8 +138,9 @@ def _damage(tree_dir):
 @pytest.mark.parametrize("case", ["bad_field", "other_family", "damaged_tree"])
 def test_sample_cli_refuses_a_broken_checkpoint_in_one_paragraph(var_ckpt, tmp_path, case):
   """Through the CLI: one paragraph and exit code 2. The damaged case hits the VQVAE (~300
-  arrays read concurrently), whose failed restore used to be followed by "Event loop is
-  closed" tracebacks from the reads still in flight."""
+  arrays read concurrently): when one read fails, the others still in flight end on orbax's
+  closed event loop, which Python reports as "Event loop is closed" tracebacks unless
+  checkpoint.read_tree drops them."""
   if case == "bad_field":
     d = _copy(var_ckpt, tmp_path / "ck",
               lambda raw: raw["configs"]["var"].__setitem__("depth", 2.5))
