@@ -528,10 +528,14 @@ def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dic
         _written.append(out_dir)
         if old:
           shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
       if tmp:
         with _signals_held():
           shutil.rmtree(tmp, ignore_errors=True)
+      if isinstance(e, (OSError, ValueError)):  # e.g. a full disk, as orbax reports it
+        raise ConversionError(f"writing {out_dir!r} failed: {type(e).__name__}: "
+                              f"{str(e)[:300]}. Nothing was written; check the free space "
+                              f"and permissions under {parent!r}.") from e
       raise
 
 

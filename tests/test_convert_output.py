@@ -205,6 +205,16 @@ def test_output_modes_follow_the_umask(hf_small, tmp_path):
   assert {"config.json", "spiece.model", "t5"} <= set(modes)
 
 
+def test_a_failed_write_is_one_paragraph_and_leaves_nothing(tmp_path):
+  """orbax refusing a value (as it would report a full disk: an exception from its writer)
+  becomes a ConversionError, with the temporary directory removed."""
+  with pytest.raises(ConversionError, match="writing .* failed: ValueError: .*Nothing was "
+                     "written"):
+    common.write_converted(str(tmp_path / "ckpt"), {"t": {"x": np.array(["a"], dtype=object)}},
+                           {})
+  assert os.listdir(tmp_path) == []
+
+
 # ---------------------------------------------------------------------------------------
 # Signals
 # ---------------------------------------------------------------------------------------
