@@ -12,24 +12,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN_NAMES = ("var_tiny", "infinity_tiny_d32", "infinity_tiny_d56_patchify")
 
 
+def _script(path, body):
+  with open(path, "w") as f:
+    f.write("#!/usr/bin/env bash\n" + textwrap.dedent(body))
+  os.chmod(path, 0o755)
+
+
 def _fake_python3(bin_dir, log, pip_install_rc):
   """A `python3` whose `-m venv DIR` creates DIR/bin/{activate,pip,python}; every call of
   the fakes is appended to `log`; `pip install -e ...` exits with pip_install_rc."""
-  os.makedirs(bin_dir)
-  script = textwrap.dedent(f"""\
-      #!/usr/bin/env bash
+  fakes = os.path.join(bin_dir, "venv_bin")
+  os.makedirs(fakes)
+  _script(os.path.join(fakes, "pip"), f"""\
+      echo "pip $*" >> {log}
+      [ "$2" = "-e" ] && exit {pip_install_rc}
+      exit 0
+      """)
+  _script(os.path.join(fakes, "python"), f"""\
+      echo "python $*" >> {log}
+      """)
+  _script(os.path.join(bin_dir, "python3"), f"""\
       echo "python3 $*" >> {log}
       [ "$1 $2" = "-m venv" ] || exit 0
       mkdir -p "$3/bin"
+      cp {fakes}/pip {fakes}/python "$3/bin/"
       echo "export PATH=\\"$3/bin:\\$PATH\\"" > "$3/bin/activate"
-      printf '#!/usr/bin/env bash\\necho "pip $*" >> {log}\\n[ "$2" = "-e" ] && exit {pip_install_rc}\\nexit 0\\n' > "$3/bin/pip"
-      printf '#!/usr/bin/env bash\\necho "python $*" >> {log}\\nexit 0\\n' > "$3/bin/python"
-      chmod +x "$3/bin/pip" "$3/bin/python"
       """)
-  path = os.path.join(bin_dir, "python3")
-  with open(path, "w") as f:
-    f.write(script)
-  os.chmod(path, 0o755)
 
 
 def _run_ci(tmp_path, golden, pip_install_rc=0):
