@@ -11,13 +11,17 @@ This package maps and validates tensors only; it imports no model code.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -232,59 +236,307 @@ def apply_rules(sd: dict[str, np.ndarray], rules: Sequence[Rule], *, ignore: Seq
 # --------------------------------------------------------------------------------------
 
 CONFIG_FILE = "config.json"
+# config.json's "format" and "entries" (every name the conversion put in the directory) let
+# --overwrite tell a converted checkpoint from any other folder.
+FORMAT = "sparvar-jax converted checkpoint"
+# Files beside the trees in checkpoints written before config.json listed its entries
+# (convert.t5's tokenizer files).
+_LEGACY_EXTRA_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json",
+                       "tokenizer.json")
+# Written into a temporary output directory first ("<host> <pid>" of the writer), so a
+# later run can tell a directory left by a killed conversion from one still being written.
+_TMP_MARKER = ".sparvar-convert-tmp"
 
 
-def check_out_dir(out_dir: str, overwrite: bool) -> None:
-  """Refuses an --out that exists (unless overwrite) or is a file. Converters call it before
-  reading the checkpoint, so a wrong --out fails in a second, not after the conversion;
-  `write_converted` calls it again before writing."""
+def _within(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies under it (both real paths)."""
+  return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _not_a_checkpoint(path: str) -> str | None:
+  """Why the directory `path` is not one that `write_converted` wrote; None if it is."""
+  try:
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+      raw = json.load(f)
+  except FileNotFoundError:
+    return f"it has no {CONFIG_FILE}"
+  except (OSError, ValueError) as e:
+    return f"its {CONFIG_FILE} is unreadable ({e})"
+  configs = raw.get("configs") if isinstance(raw, dict) else None
+  if (not isinstance(configs, dict) or not isinstance(raw.get("meta"), dict)
+      or raw.get("format", FORMAT) != FORMAT
+      or not all(isinstance(c, dict) and "type" in c for c in configs.values())):
+    return f"its {CONFIG_FILE} is not the one a converter writes"
+  entries = raw.get("entries")
+  if isinstance(entries, list):
+    allowed = {CONFIG_FILE, *map(str, entries)}
+  else:
+    allowed = {CONFIG_FILE, *configs, *_LEGACY_EXTRA_FILES}
+  try:
+    others = sorted(set(os.listdir(path)) - allowed)
+  except OSError as e:
+    return f"its contents cannot be listed ({e.strerror})"
+  if others:
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    return f"it also holds {', '.join(others[:5])}{more}, which no conversion writes"
+  return None
+
+
+def _new_tmp_dir(parent: str, base: str) -> str:
+  """An empty `<base>.tmp-<pid>-<random>` directory in `parent` (the pid names its writer)."""
+  return tempfile.mkdtemp(prefix=f"{base}.tmp-{os.getpid()}-", dir=parent)
+
+
+def check_out_dir(out_dir: str, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+  """Refuses an --out that must not or cannot be written. Converters call it before reading
+  any checkpoint, so a wrong --out fails in a second, not after the conversion;
+  `write_converted` calls it again before writing.
+
+  An existing --out is replaced only with `overwrite`, and only when it is a checkpoint
+  directory a converter wrote that holds none of `inputs` (the conversion's input files
+  or folders): replacing deletes it, so a user's folder or the inputs are never touched.
+  """
   path = os.path.abspath(out_dir)
-  if os.path.exists(path) and not overwrite:
-    raise ConversionError(f"output {path!r} already exists; choose another --out or pass "
-                          "--overwrite.")
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise ConversionError(f"output {path!r} is a file, not a checkpoint directory; "
-                          "--overwrite only replaces a directory. Choose another --out.")
+  if os.path.lexists(path):
+    if not overwrite:
+      raise ConversionError(f"output {path!r} already exists; choose another --out or pass "
+                            "--overwrite (which replaces only a checkpoint directory written "
+                            "by a converter).")
+    if os.path.islink(path):
+      raise ConversionError(f"output {path!r} is a symbolic link; --overwrite replaces only a "
+                            "checkpoint directory, not a link. Choose another --out.")
+    if not os.path.isdir(path):
+      raise ConversionError(f"output {path!r} is a file, not a checkpoint directory; "
+                            "--overwrite only replaces a directory. Choose another --out.")
+    real = os.path.realpath(path)
+    held = [p for p in inputs if p and _within(os.path.realpath(p), real)]
+    if held:
+      raise ConversionError(f"--overwrite would delete {path!r}, which holds this "
+                            f"conversion's input {held[0]!r}. Nothing was changed; choose "
+                            "another --out.")
+    why = _not_a_checkpoint(path)
+    if why:
+      raise ConversionError(f"--overwrite replaces only a checkpoint directory written by a "
+                            f"converter, and {path!r} is not one: {why}. Nothing was "
+                            "changed; choose another --out (or delete that folder yourself "
+                            "if nothing in it is needed).")
+  # The nearest existing ancestor must take a new directory: probed now, not after the
+  # conversion has run for minutes.
+  parent = os.path.dirname(path)
+  while not os.path.lexists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConversionError(f"cannot write {path!r}: {parent!r} is a file, not a directory. "
+                          "Choose a writable --out.")
+  try:
+    os.rmdir(_new_tmp_dir(parent, os.path.basename(path)))
+  except OSError as e:
+    raise ConversionError(f"cannot write under {parent!r}: {e.strerror}. Choose a writable "
+                          "--out.") from e
+
+
+# --------------------------------------------------------------------------------------
+# Interrupts: SIGINT / SIGTERM end a conversion cleanly
+# --------------------------------------------------------------------------------------
+
+
+class Interrupted(BaseException):
+  """SIGINT or SIGTERM arrived (a BaseException, like KeyboardInterrupt: the `except
+  Exception` around file reading must not turn it into a ConversionError)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signum)
+    self.signum = signum
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_held = {"depth": 0, "pending": None}
+_written: list[str] = []  # the directory write_converted put in place, for the exit message
+
+
+def _on_signal(signum, frame):
+  del frame
+  if _held["depth"]:
+    _held["pending"] = _held["pending"] or signum
+    return
+  raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def _handling_signals():
+  """SIGINT and SIGTERM raise `Interrupted` (only the main thread can take signals)."""
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+  try:
+    yield
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _signals_held():
+  """Delays `Interrupted` to the end of the block: around the steps that must not stop
+  half-way (starting an orbax save, waiting for its writer threads, removing files)."""
+  _held["depth"] += 1
+  try:
+    yield
+  finally:
+    _held["depth"] -= 1
+    if not _held["depth"] and _held["pending"]:
+      signum, _held["pending"] = _held["pending"], None
+      raise Interrupted(signum)  # pylint: disable=lost-exception
+
+
+def _tmp_owner(path: str, name_pid: int) -> tuple[str, int] | None:
+  """(host, pid) of the conversion that made the temporary directory `path`, or None when
+  that cannot be told (then the directory is left alone)."""
+  try:
+    with open(os.path.join(path, _TMP_MARKER)) as f:
+      host, pid = f.read().split()
+    return host, int(pid)
+  except FileNotFoundError:
+    pass
+  except (OSError, ValueError):
+    return None
+  # No marker: killed between creating the directory and writing the marker, or after the
+  # marker was removed before the final rename (then it is a finished checkpoint), or an
+  # old checkpoint moved aside by --overwrite.
+  try:
+    if not os.listdir(path) or _not_a_checkpoint(path) is None:
+      return socket.gethostname(), name_pid
+  except OSError:
+    pass
+  return None
+
+
+def _alive(pid: int) -> bool:
+  if pid == os.getpid():
+    return True
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # EPERM: it exists, owned by someone else
+    return True
+  return True
+
+
+def stale_tmp_dirs(parent: str, base: str) -> list[str]:
+  """Temporary directories `<base>.tmp-<pid>-<random>` in `parent` that a conversion on
+  this host left when it was killed (its process is gone). Nothing else matches: not a
+  folder of another name, not one of a conversion still running."""
+  pattern = re.compile(re.escape(base) + r"\.tmp-(\d+)-[a-z0-9_]{8}")
+  try:
+    names = sorted(os.listdir(parent))
+  except OSError:
+    return []
+  host = socket.gethostname()
+  stale = []
+  for name in names:
+    m = pattern.fullmatch(name)
+    path = os.path.join(parent, name)
+    if not m or os.path.islink(path) or not os.path.isdir(path):
+      continue
+    owner = _tmp_owner(path, int(m.group(1)))
+    if owner and owner[0] == host and not _alive(owner[1]):
+      stale.append(path)
+  return stale
+
+
+def _umask() -> int:
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError, IndexError):
+    pass
+  mask = os.umask(0o022)  # no /proc: read it by setting it (and put it back at once)
+  os.umask(mask)
+  return mask
 
 
 def write_converted(out_dir: str, trees: dict[str, dict[str, Any]], configs: dict[str, dict],
                     meta: dict[str, Any] | None = None, overwrite: bool = False,
-                    extra_files: dict[str, str] | None = None) -> None:
+                    extra_files: dict[str, str] | None = None,
+                    inputs: Sequence[str] = ()) -> None:
   """Writes `out_dir/{name}/` orbax trees plus `out_dir/config.json`, atomically.
 
-  `extra_files` ({name in out_dir: source path}) are copied in as well (e.g. a
-  tokenizer). Everything goes to a temporary sibling directory first and is renamed
-  into place only when complete, so a failed run leaves nothing that looks like a
-  checkpoint.
+  `extra_files` ({name in out_dir: source path}) are copied in as well (e.g. a tokenizer);
+  `inputs` are the conversion's input paths, which --overwrite must never delete (see
+  `check_out_dir`). Everything goes to a temporary sibling `<out>.tmp-<pid>-<random>`
+  first and is renamed into place only when complete, so a failed or interrupted run
+  (SIGINT/SIGTERM: the orbax writer threads are waited for, then the directory removed)
+  leaves nothing that looks like a checkpoint. A run killed outright leaves its temporary
+  directory; the next conversion to the same --out removes it. The result gets the
+  modes the umask gives, not the temporary directory's 0700.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  check_out_dir(out_dir, overwrite)
+  check_out_dir(out_dir, overwrite, inputs)
   out_dir = os.path.abspath(out_dir)
-  parent = os.path.dirname(out_dir)
+  parent, base = os.path.split(out_dir)
   try:
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
   except OSError as e:
     raise ConversionError(f"cannot write under {parent!r}: {e.strerror}. Choose a writable "
                           "--out.") from e
-  try:
-    ckptr = ocp.StandardCheckpointer()
-    for name, tree in trees.items():
-      print(f"writing {name} ({sum(np.size(x) for x in _leaves(tree)) / 1e6:.1f}M values)",
-            file=sys.stderr)
-      ckptr.save(os.path.join(tmp, name), tree)
-    ckptr.wait_until_finished()
-    with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-      json.dump({"configs": configs, "meta": meta or {}}, f, indent=1)
-    for name, src in (extra_files or {}).items():
-      shutil.copyfile(src, os.path.join(tmp, name))
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  for path in stale_tmp_dirs(parent, base):
+    shutil.rmtree(path, ignore_errors=True)
+    print(f"removed {path} (left by an interrupted conversion)", file=sys.stderr)
+  entries = sorted({CONFIG_FILE, *trees, *(extra_files or {})})
+  tmp = None
+  with _handling_signals():
+    try:
+      with _signals_held():
+        tmp = _new_tmp_dir(parent, base)
+        os.chmod(tmp, 0o777 & ~_umask())
+        with open(os.path.join(tmp, _TMP_MARKER), "w") as f:
+          f.write(f"{socket.gethostname()} {os.getpid()}\n")
+      ckptr = ocp.StandardCheckpointer()
+      try:
+        for name, tree in trees.items():
+          ckptr.wait_until_finished()  # the previous tree; an interrupt may stop the wait
+          print(f"writing {name} ({sum(np.size(x) for x in _leaves(tree)) / 1e6:.1f}M "
+                "values)", file=sys.stderr)
+          with _signals_held():
+            ckptr.save(os.path.join(tmp, name), tree)
+        ckptr.wait_until_finished()
+      finally:
+        with _signals_held():  # no writer thread is left to write into tmp after this
+          ckptr.close()
+      with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+        json.dump({"format": FORMAT, "entries": entries, "configs": configs,
+                   "meta": meta or {}}, f, indent=1)
+      for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+      with _signals_held():
+        os.remove(os.path.join(tmp, _TMP_MARKER))
+        old = None
+        if os.path.lexists(out_dir):  # checked by check_out_dir: ours, holding no input
+          old = _new_tmp_dir(parent, base)  # moved aside, so a failed rename can restore it
+          os.replace(out_dir, old)
+        try:
+          os.replace(tmp, out_dir)
+        except OSError:
+          if old:
+            os.replace(old, out_dir)
+          raise
+        _written.append(out_dir)
+        if old:
+          shutil.rmtree(old, ignore_errors=True)
+    except BaseException as e:
+      if tmp:
+        with _signals_held():
+          shutil.rmtree(tmp, ignore_errors=True)
+      if isinstance(e, (OSError, ValueError)):  # e.g. a full disk, as orbax reports it
+        raise ConversionError(f"writing {out_dir!r} failed: {type(e).__name__}: "
+                              f"{str(e)[:300]}. Nothing was written; check the free space "
+                              f"and permissions under {parent!r}.") from e
+      raise
 
 
 def _leaves(tree):
@@ -295,10 +547,38 @@ def _leaves(tree):
     yield tree
 
 
+def _cli_defaults() -> None:
+  """A converter CLI runs on the CPU (unless JAX_PLATFORMS says otherwise: it never needs
+  an accelerator, and probing for one prints "Unable to initialize backend" lines) and
+  logs warnings only (orbax logs ~50 INFO lines per conversion) unless --verbosity is
+  given."""
+  if "JAX_PLATFORMS" not in os.environ:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: its config read the environment then
+      sys.modules["jax"].config.update("jax_platforms", "cpu")
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if flags.FLAGS.is_parsed() and not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def main_wrapper(fn: Callable[[], None]) -> None:
-  """Runs a conversion CLI body: ConversionError becomes one paragraph and exit code 2."""
+  """Runs a conversion CLI body: ConversionError becomes one paragraph and exit code 2;
+  SIGINT / SIGTERM one line and exit code 130 / 143, with no temporary files left."""
+  _cli_defaults()
+  del _written[:]
   try:
-    fn()
+    with _handling_signals():
+      fn()
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Interrupted as e:
+    name = signal.Signals(e.signum).name
+    if _written:
+      print(f"interrupted by {name} after {_written[-1]} was written (it is complete).",
+            file=sys.stderr)
+    else:
+      print(f"interrupted by {name}: the conversion stopped; nothing was written and no "
+            "temporary files are left.", file=sys.stderr)
+    sys.exit(128 + e.signum)

@@ -1,4 +1,4 @@
-"""Official Infinity checkpoints -> a sparvar-jax checkpoint directory.
+r"""Official Infinity checkpoints -> a sparvar-jax checkpoint directory.
 
   python -m convert.infinity --model infinity_2b_reg.pth --vae infinity_vae_d32reg.pth --out DIR
   python -m convert.infinity --model infinity_8b_weights/ \
@@ -357,9 +357,10 @@ def convert_trees(model_path: str, vae_path: str, *, progress: bool = False,
 
 def convert(model_path: str, vae_path: str, out: str, *, overwrite: bool = False,
             progress: bool = True, dtype: str = "float32") -> None:
-  common.check_out_dir(out, overwrite)  # before the slow part
+  inputs = (model_path, vae_path)
+  common.check_out_dir(out, overwrite, inputs)  # before the slow part
   trees, configs, meta = convert_trees(model_path, vae_path, progress=progress, dtype=dtype)
-  common.write_converted(out, trees, configs, meta, overwrite=overwrite)
+  common.write_converted(out, trees, configs, meta, overwrite=overwrite, inputs=inputs)
   if progress:
     print(f"wrote {out}", file=sys.stderr)
 
@@ -383,7 +384,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("vae", None, "the BSQ VAE .pth paired with the model", required=True)
   flags.DEFINE_string("out", None, "output directory (must not exist unless --overwrite)",
                       required=True)
-  flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out that is a converted "
+                    "checkpoint (never any other folder, nor one holding the inputs)")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                     "storage dtype of the transformer weights (bfloat16 halves the 8B output; "
                     "the official inference runs the blocks in bf16)")

@@ -1,4 +1,4 @@
-"""Converts a Hugging Face T5 v1.1 encoder (flan-t5-xl for Infinity) to sparvar-jax.
+r"""Converts a Hugging Face T5 v1.1 encoder (flan-t5-xl for Infinity) to sparvar-jax.
 
 Usage:
   python -m convert.t5 --hf_dir /models/flan-t5-xl --out /ckpt/flan-t5-xl [--overwrite]
@@ -179,7 +179,7 @@ def convert(hf_dir: str, out: str, *, overwrite: bool = False, dtype: str = "flo
     raise ConversionError(f"--hf_dir {hf_dir!r} is not a directory. Pass the Hugging Face "
                           "model directory (e.g. a download of google/flan-t5-xl) holding "
                           "config.json, spiece.model and the weights.")
-  common.check_out_dir(out, overwrite)
+  common.check_out_dir(out, overwrite, (hf_dir,))
   cfg_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise ConversionError(f"{hf_dir!r} has no config.json; a Hugging Face T5 directory "
@@ -215,7 +215,7 @@ def convert(hf_dir: str, out: str, *, overwrite: bool = False, dtype: str = "flo
   extra = {name: os.path.join(hf_dir, name) for name in TOKENIZER_FILES
            if os.path.isfile(os.path.join(hf_dir, name))}
   common.write_converted(out, {"t5": tree}, configs, meta, overwrite=overwrite,
-                         extra_files=extra)
+                         extra_files=extra, inputs=(hf_dir,))
   print(f"wrote {out}", file=sys.stderr)
 
 
@@ -231,6 +231,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("hf_dir", None, "Hugging Face T5 directory (config.json, spiece.model, "
                       "weights).", required=True)
   flags.DEFINE_string("out", None, "output directory", required=True)
-  flags.DEFINE_bool("overwrite", False, "replace an existing output directory")
+  flags.DEFINE_bool("overwrite", False, "replace an existing --out that is a converted "
+                    "checkpoint (never any other folder, nor one holding the inputs)")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "stored weight dtype")
   app.run(main)

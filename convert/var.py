@@ -1,4 +1,4 @@
-"""Converts the official VAR transformer + multi-scale VQVAE to an orbax checkpoint.
+r"""Converts the official VAR transformer + multi-scale VQVAE to an orbax checkpoint.
 
 Usage (CPU is enough; the official files are on huggingface.co/FoundationVision/var):
 
@@ -26,10 +26,6 @@ Key map (torch -> ours; Linear weights [out, in] are transposed to kernels [in, 
 from __future__ import annotations
 
 import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # conversion never needs an accelerator
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import re
 import sys
 
@@ -184,7 +180,7 @@ def convert_var_tree(sd: dict[str, np.ndarray], *, progress: bool = False):
 def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = False,
             progress: bool = True):
   """The CLI body: returns (VARConfig, VQVAEConfig) after writing `out_dir`."""
-  common.check_out_dir(out_dir, overwrite)  # before the slow part
+  common.check_out_dir(out_dir, overwrite, (var_path, vae_path))  # before the slow part
   log = (lambda m: print(m, file=sys.stderr)) if progress else (lambda m: None)
   log(f"reading {var_path}")
   var_sd = common.load_state_dict(var_path)
@@ -215,7 +211,7 @@ def convert(var_path: str, vae_path: str, out_dir: str, *, overwrite: bool = Fal
       {"var": configs_lib.config_to_dict(var_cfg), "vae": configs_lib.config_to_dict(vae_cfg)},
       meta={"source": {"var": os.path.basename(var_path), "vae": os.path.basename(vae_path)},
             "converter": "convert.var"},
-      overwrite=overwrite)
+      overwrite=overwrite, inputs=(var_path, vae_path))
   log(f"wrote {os.path.abspath(out_dir)}")
   return var_cfg, vae_cfg
 
@@ -224,7 +220,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("var", None, "official VAR transformer checkpoint (var_dXX.pth)")
 flags.DEFINE_string("vae", None, "official VQVAE checkpoint (vae_ch160v4096z32.pth)")
 flags.DEFINE_string("out", None, "output directory (must not exist unless --overwrite)")
-flags.DEFINE_bool("overwrite", False, "replace an existing --out directory")
+flags.DEFINE_bool("overwrite", False, "replace an existing --out that is a converted "
+                  "checkpoint (never any other folder, nor one holding the inputs)")
 
 
 def main(argv):

@@ -21,8 +21,8 @@ first blocks load while the previous tile finishes. That matters for sparse mask
 tiles are short (CSLA's last scale visits ~14 blocks per tile). With a concrete mask (CSLA's
 is numpy) tiles are list-scheduled by their step counts on the host: on the H100, against
 round-robin, 1.06-1.23x on CSLA's last scale and 1.16-1.37x on random 5-30% masks
-(WORKSPACE.md, session 3), then rebalanced by tile swaps within a (batch, head) (session 4:
-up to 1.09x more). The memory warpgroup reads each step's block index a step ahead.
+(WORKSPACE.md "Kernels"), then rebalanced by tile swaps within a (batch, head) (up to 1.09x
+more). The memory warpgroup reads each step's block index a step ahead.
 `MosaicConfig(persistent=False)` is the one-CTA-per-tile grid.
 
 An optional residual (CS4A's output cache, `residual=`) is added in the epilogue: each compute
@@ -71,9 +71,9 @@ class MosaicConfig:
   # stays in L2) or heads fastest (FA3's order; measured 0.90x at scale 12).
   q_tiles_fastest: bool = True
   # One CTA per SM looping over tiles (K/V ring and Q double buffer carry across tiles);
-  # num_ctas None = the device's SM count. H100, 16 heads, scale 12 (WORKSPACE run 8,
-  # round-robin): dense 621 vs 578 TFLOP/s, random 10% blocks 420 vs 350 TFLOP/s over
-  # visited blocks.
+  # num_ctas None = the device's SM count. Measured on an H100, 16 heads, scale 12 (both
+  # round-robin, persistent vs one CTA per tile): dense 621 vs 578 TFLOP/s, random 10%
+  # blocks 420 vs 350 TFLOP/s over visited blocks.
   persistent: bool = True
   num_ctas: int | None = None
   # Persistent work split: "list" deals tiles in launch order, each to the CTA that frees up
@@ -97,9 +97,9 @@ class MosaicConfig:
   # arrives on the schedule barrier for the next tile's first QK as soon as its tile's last PV
   # is done — before its epilogue (normalise, store) — and only waits there after issuing
   # that QK. The other warpgroup, held at that barrier, then runs its last PV under this
-  # one's epilogue instead of after it. H100, scale
-  # 12, same call (S5-7): random 5-30% 1.2-7.2% faster (16 h random 5%: 74.9 -> 77.5% of our
-  # dense), CSLA 1.6-2.0%.
+  # one's epilogue instead of after it. Measured on an H100, scale 12, both in one run:
+  # random 5-30% 1.2-7.2% faster (16 h random 5%: 74.9 -> 77.5% of our dense), CSLA
+  # 1.6-2.0%.
   early_schedule_arrive: bool = True
   # Persistent: read the next tile's coordinates and step count one tile ahead (a chain of
   # dependent global loads otherwise waited on at every tile start).
@@ -107,8 +107,9 @@ class MosaicConfig:
   # Persistent, concrete sparse mask: each work-table entry's step count and cut-block flag
   # are computed on the host into a table beside the work table, so a tile's info is two
   # independent loads instead of a chain of three (work -> count -> last block index).
-  # H100, 16 heads, scale 12 (S5-5, one call): random 5/10% 1.3/2.6% faster, CSLA and
-  # random 20/30% within +-1% — small; kept since it removes a latency chain per tile.
+  # Measured on an H100, 16 heads, scale 12, both in one run: random 5/10% 1.3/2.6% faster,
+  # CSLA and random 20/30% within +-1% — small; kept since it removes a latency chain per
+  # tile.
   tile_info_table: bool = True
   # Persistent: a tile's output store is not waited for at its end; the next tile waits for
   # it (and frees that Q buffer) while its first QK runs.
@@ -687,8 +688,8 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   `tile_overhead_steps`; the last `sorted_tail` of the tiles is dealt longest first, which
   evens out the final wave. A cost-only simulation predicted the busiest CTA 1-6% (CSLA) and
   5-12% (random 5-30%) shorter than round-robin; the H100 measured more: CSLA scale 12
-  1.06-1.23x, random 5-30% 1.16-1.37x (WORKSPACE.md, session 3). Sorting *all* tiles by cost
-  (sorted_tail=1, or run 7's snake) balances best on paper but runs slower: the tiles in
+  1.06-1.23x, random 5-30% 1.16-1.37x (WORKSPACE.md "Kernels"). Sorting *all* tiles by cost
+  (sorted_tail=1, or a snake order) balances best on paper but runs slower: the tiles in
   flight no longer share a head's K/V in L2.
 
   rebalance (costs given): the dealt assignment is then improved by single-tile moves and
@@ -697,7 +698,7 @@ def tile_schedule(num_tiles: int, num_ctas: int, costs=None, *, sorted_tail: flo
   CSLA s11 28 heads 1.052 -> 1.001, s12 16 heads 1.033 -> 1.016, random 5% 16 heads 1.042 ->
   1.021) but scatters the (batch, head)s in flight (28 h s11: 10 -> 25 on average, more K/V
   than L2 holds) and measured slower than no rebalancing on the H100 (CSLA s11 28 h 6-11% in
-  three calls, s12 5-8% in the last; WORKSPACE.md, session 4). "head" (default) swaps only
+  three runs, s12 5-8% in the last; WORKSPACE.md "Kernels"). "head" (default) swaps only
   tiles of one (batch, head) — tile ids t // tiles_per_head, which the kernel sets to its
   query tiles per head (1: moves only) — so heads in flight stay near the dealt schedule's
   (28 h s11 12, s12 8) at most of the gain (1.026, 1.025, 1.021); measured same or faster

@@ -128,7 +128,7 @@ def column_sums(q, k, lse, *, group_size: int, scale: float | None = None,
 
 def dense_impl_for(q, dense_impl: str = "auto", interpret: bool = False) -> str:
   """The dense pass of `dense_colsum_attention`: "auto" takes cuDNN on a GPU for bf16/fp16
-  (the fastest measured with the column sums: H100, scale 10, S6-7, dense + column sums
+  (the fastest measured with the column sums on an H100, scale 10: dense + column sums
   0.435 / 0.716 ms at 16 / 28 heads with cuDNN's dense pass, 0.454 / 0.732 with our Mosaic
   kernel's, same column-sum pass), else our Triton kernel (any dtype; interpret mode on
   CPU)."""

@@ -13,7 +13,7 @@ P^T = exp2(S^T * c - lse), and sums the rows per group; the two warpgroups take 
 cores in turns. One memory warpgroup streams the query tiles and their log-sum-exp with TMA.
 
 Measured (H100, Infinity's decision scale 10: 1600 queries x 4121 keys, batch 2, 192-query
-groups; WORKSPACE.md, session 6): the pass alone 0.189 ms at 16 heads, 0.326 at 28 (the
+groups; WORKSPACE.md "Kernels"): the pass alone 0.189 ms at 16 heads, 0.326 at 28 (the
 Triton pass: 0.223 / 0.394), so dense + column sums is 1.71x / 1.89x the cuDNN dense pass.
 It runs at ~320 TFLOP/s: without the exp2 and the log-sum-exp it still took 0.153 ms (full:
 0.186), so the matmul issue itself (each warpgroup waits for its wgmma before the next;
@@ -75,7 +75,7 @@ class ColsumMosaicConfig:
   @classmethod
   def for_group(cls, group_size: int) -> "ColsumMosaicConfig":
     """The measured best tiles for a query-group size. H100, scale 10, column-sum pass
-    alone, 16 / 28 heads (WORKSPACE.md, session 6, S6-7): SparVAR's 192-query groups in one
+    alone, 16 / 28 heads, one run (WORKSPACE.md "Kernels"): SparVAR's 192-query groups in one
     tile, 64-key warpgroup tiles, ring 2: 0.189 / 0.326 ms; 64-query tiles, 128 keys, ring 3:
     0.203 / 0.327 (the Triton pass: 0.223 / 0.394)."""
     if group_size % 192 == 0:

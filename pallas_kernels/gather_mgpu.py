@@ -9,9 +9,9 @@ Triton gather kernel (`gather.py`) reads them with per-thread loads but runs at 
 flash ceiling (~405 TFLOP/s on the H100, the Mosaic kernel ~616). Copying each group's
 rows once (2 x B x G x S x H x D elements, at memory bandwidth) and then running the faster
 kernel pays when a group's rows are reused by enough queries: every 128-query tile of the
-group re-reads the copy from L2. Session 3 tried the copy with XLA's gather and the residual
-as a separate add and measured it slower (0.398 vs 0.374 ms, 1024-query groups); here the copy is a
-Pallas kernel (~2.8 TB/s) and the residual is fused into the Mosaic kernel's store: a tie
+group re-reads the copy from L2. With the copy done by XLA's gather and the residual as a
+separate add it measured slower on an H100 (0.398 vs 0.374 ms, 1024-query groups); here the
+copy is a Pallas kernel (~2.8 TB/s) and the residual is fused into the Mosaic kernel's store: a tie
 with the Triton kernel at 1024-query groups, 1.15x faster at 2048 (AUTO_MIN_GROUP).
 
 Full lists only (every slot valid: `counts` None, as `topk_key_indices` makes them): the
@@ -34,11 +34,11 @@ from pallas_kernels import _compat
 from pallas_kernels.block_sparse import _check_qkv, _pad_axis
 from pallas_kernels.block_sparse_mgpu import MosaicConfig, block_sparse_attention_mgpu
 
-# Groups of fewer queries re-read their copy too few times to pay for it. H100, scale 12, 20%
-# of keys, same call (WORKSPACE.md, session 5, S5-3), ms copy+Mosaic / Triton: 2048-query
-# groups 0.294 / 0.337 (16 h), 0.501 / 0.579 (28 h); 1024: 0.342 / 0.338, 0.594 / 0.584 (a
-# tie: the copy, ~0.10 / 0.18 ms at memory bandwidth, eats the faster matmul); 512 (S5-1):
-# 0.449 / 0.358.
+# Groups of fewer queries re-read their copy too few times to pay for it. Measured on an
+# H100, scale 12, 20% of keys, both in one run (WORKSPACE.md "Kernels"), ms copy+Mosaic /
+# Triton: 2048-query groups 0.294 / 0.337 (16 h), 0.501 / 0.579 (28 h); 1024: 0.342 / 0.338,
+# 0.594 / 0.584 (a tie: the copy, ~0.10 / 0.18 ms at memory bandwidth, eats the faster
+# matmul); 512: 0.449 / 0.358.
 AUTO_MIN_GROUP = 2048
 # The copy's slot axis is padded to the Mosaic kernel's key block, so it needs no second pad.
 _SLOT_ALIGN = 128

@@ -190,7 +190,8 @@ def jax_part(args):
       "ours_mgpu_nodefer": MosaicConfig(defer_store_wait=False),
       "ours_mgpu_chain": MosaicConfig(tile_info_table=False),
       "ours_mgpu_late": MosaicConfig(early_schedule_arrive=False),
-      # Session 2's kernel: round-robin, ping-pong drained at every tile, no prefetch of the
+      # The persistent kernel with every later scheduling change off (the baseline they are
+      # measured against): round-robin, ping-pong drained at every tile, no prefetch of the
       # next tile's info or block index, the output store waited for at each tile's end.
       "ours_mgpu_prev": MosaicConfig(schedule="round_robin", pingpong_across_tiles=False,
                                      prefetch_tile_info=False, defer_store_wait=False,

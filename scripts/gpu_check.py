@@ -137,17 +137,20 @@ def main():
   print(json.dumps(env), flush=True)
   results = []
   if not args.skip_checks:
-    from tests.test_kernels_gpu import CHECKS
+    from tests.test_kernels_gpu import CHECKS, run_check, seed_of
     only = set(filter(None, args.only.split(",")))
+    unknown = sorted(only - {name for name, _ in CHECKS})
+    if unknown:
+      p.error(f"unknown --only checks {unknown}")
     for name, fn in CHECKS:
       if only and name not in only:
         continue
       t = time.time()
       try:
-        rec = fn()
-        rec["name"] = name
+        rec = run_check(name, fn)  # the seed pytest's test_gpu_check[name-seedN] uses
       except Exception as e:  # keep going: every check reports
-        rec = dict(name=name, ok=False, error=repr(e)[:500], trace=traceback.format_exc()[-1500:])
+        rec = dict(name=name, seed=seed_of(name), ok=False, error=repr(e)[:500],
+                   trace=traceback.format_exc()[-1500:])
       rec["s"] = round(time.time() - t, 1)
       results.append(rec)
       print(json.dumps(rec), flush=True)
@@ -169,8 +172,8 @@ def main():
   print("\n== GPU checks ==")
   for r in results:
     status = "PASS" if r.get("ok") else "FAIL"
-    print(f"{status} {r['name']:<22} rel_err={r.get('rel_err', float('nan')):.2e} "
-          f"{r.get('error', '')[:150]} ({r['s']} s)")
+    print(f"{status} {r['name']:<22} seed {r['seed']:<10} rel_err="
+          f"{r.get('rel_err', float('nan')):.2e} {r.get('error', '')[:150]} ({r['s']} s)")
   if pytest_line is not None:
     print(f"\n== pytest -m gpu: {pytest_line}")
   if model_rows:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -35,9 +36,35 @@ def read_config(ckpt_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     with open(path) as f:
       raw = json.load(f)
     cfgs = {k: configs_lib.config_from_dict(v) for k, v in raw["configs"].items()}
-  except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+  except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
     raise CheckpointError(f"{path!r} is malformed ({e}); convert the checkpoint again.") from e
+  _check_family(ckpt_dir, cfgs)
   return cfgs, raw.get("meta", {})
+
+
+# Each transformer's own VAE: family, VAE config type, the VAE's name, the converter.
+_FAMILY_VAE = {
+    configs_lib.VARConfig: ("VAR", configs_lib.VQVAEConfig, "the multi-scale VQVAE",
+                            "convert.var"),
+    configs_lib.InfinityConfig: ("Infinity", configs_lib.BSQVAEConfig, "the BSQ VAE",
+                                 "convert.infinity"),
+}
+
+
+def _check_family(ckpt_dir: str, cfgs: dict[str, Any]) -> None:
+  """A transformer must come with its own family's VAE: the loaders build the VAE from
+  its config, so another family's (even with a tree that matches that config) would fail
+  with an AttributeError deep inside the VAE's constructor."""
+  vae = cfgs.get("vae")
+  for cfg in cfgs.values():
+    if type(cfg) not in _FAMILY_VAE or vae is None:
+      continue
+    family, vae_type, vae_name, converter = _FAMILY_VAE[type(cfg)]
+    if not isinstance(vae, vae_type):
+      raise CheckpointError(
+          f"{ckpt_dir!r} pairs its {family} transformer with a {type(vae).__name__} VAE; "
+          f"{family} needs {vae_name} ({vae_type.__name__}). The directory "
+          f"was assembled by hand or damaged; convert again with `python -m {converter}`.")
 
 
 def read_tree(ckpt_dir: str, name: str) -> dict[str, Any]:
@@ -47,12 +74,35 @@ def read_tree(ckpt_dir: str, name: str) -> dict[str, Any]:
   if not os.path.isdir(path):
     raise CheckpointError(f"{ckpt_dir!r} has no component {name!r}; found "
                           f"{sorted(os.listdir(ckpt_dir))}. Convert again.")
+  _ignore_reads_after_a_failed_restore()
   try:
-    tree = ocp.StandardCheckpointer().restore(path)
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(path)
   except Exception as e:  # orbax raises many types for damaged trees
     raise CheckpointError(f"could not read {path!r}: {type(e).__name__}: {str(e)[:300]}. "
                           "The directory is damaged; convert again.") from e
   return _to_numpy_tree(tree)
+
+
+def _ignore_reads_after_a_failed_restore() -> None:
+  """When one array of a damaged tree fails to read, orbax raises at once and closes its
+  event loop while tensorstore still finishes the other reads; their completion callbacks
+  then hit the closed loop and Python prints "RuntimeError: Event loop is closed" tracebacks
+  after our error message (as unraisable exceptions, from tensorstore's threads, at any
+  time up to exit). They carry nothing: the failed read is already reported. This drops
+  exactly those and passes every other unraisable exception on."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop_callbacks", False):
+    return
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._drops_closed_loop_callbacks = True  # pylint: disable=protected-access
+  sys.unraisablehook = hook
 
 
 def _to_numpy_tree(tree):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 # --------------------------------------------------------------------------------------
@@ -243,7 +244,41 @@ def config_to_dict(cfg) -> dict[str, Any]:
   return {"type": type(cfg).__name__, **dataclasses.asdict(cfg)}
 
 
+# Integer fields for which 0 means something (VQVAE: one phi conv per scale); every other
+# integer field is a size or a count of at least 1.
+_ZERO_INT_FIELDS = frozenset({"share_quant_resi"})
+
+
+def _field_value(kind: str, name: str, annotation: str, v: Any) -> Any:
+  """`v` (from JSON) as the field's type; ValueError naming the field otherwise. A config
+  read from a file is checked here, so a hand-edited "depth": 2.5 is refused in one line
+  instead of failing deep inside model construction."""
+  def is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+  ok = {"int": is_int(v) and (v >= 1 or (v == 0 and name in _ZERO_INT_FIELDS)),
+        "float": (is_int(v) or isinstance(v, float)) and math.isfinite(v),
+        "bool": isinstance(v, bool),
+        "str": isinstance(v, str),
+        "tuple[int, ...]": isinstance(v, (list, tuple)) and all(is_int(x) and x > 0 for x in v)}
+  if annotation not in ok:
+    raise AssertionError(f"{kind}.{name}: no JSON check for the type {annotation!r}")
+  if not ok[annotation]:
+    want = {"int": "a non-negative integer" if name in _ZERO_INT_FIELDS else "a positive integer",
+            "float": "a finite number", "bool": "true or false",
+            "str": "a string", "tuple[int, ...]": "a list of positive integers"}[annotation]
+    raise ValueError(f"{kind}.{name} must be {want}, got {v!r}")
+  if annotation == "float":
+    return float(v)
+  # JSON turns tuples into lists; configs must stay hashable.
+  return tuple(v) if annotation.startswith("tuple") else v
+
+
 def config_from_dict(d: dict[str, Any]):
+  """The config dataclass a `config_to_dict` dict describes; ValueError for an unknown
+  type, unknown fields, or a value of the wrong type."""
+  if not isinstance(d, dict):
+    raise ValueError(f"a config must be a JSON object, got {type(d).__name__}")
   d = dict(d)
   kind = d.pop("type", None)
   if kind not in _CONFIG_TYPES:
@@ -253,8 +288,7 @@ def config_from_dict(d: dict[str, Any]):
   unknown = sorted(set(d) - set(fields))
   if unknown:
     raise ValueError(f"{kind}: unknown fields {unknown}")
-  # JSON turns tuples into lists; configs must stay hashable.
-  d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+  d = {k: _field_value(kind, k, str(fields[k].type), v) for k, v in d.items()}
   return cls(**d)
 
 

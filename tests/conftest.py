@@ -11,11 +11,16 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def golden_dir(name: str) -> str:
-  """Path of a golden fixture folder; skips the test where the fixtures are absent."""
+  """Path of a golden fixture folder. Where it is absent the test skips, saying so, or
+  fails when SPARVAR_REQUIRE_GOLDEN is set (CI: a skipped parity test checks nothing)."""
   root = os.environ.get("SPARVAR_GOLDEN") or os.path.join(_HERE, "..", "..", "shared", "golden")
   path = os.path.join(root, name)
   if not os.path.isdir(path):
-    pytest.skip(f"golden fixtures not found at {path}; set SPARVAR_GOLDEN to shared/golden")
+    msg = (f"golden fixtures not found at {path}; put shared/golden beside the checkout "
+           "(../shared/golden) or set SPARVAR_GOLDEN to it")
+    if os.environ.get("SPARVAR_REQUIRE_GOLDEN"):
+      pytest.fail(msg)
+    pytest.skip(msg)
   return path
 
 

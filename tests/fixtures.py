@@ -17,18 +17,22 @@ BSQ_TINY_D32 = BSQVAEConfig(codebook_dim=32, base_ch=32, ch_mult=(1, 2, 4, 4, 4)
                             num_res_blocks=1)
 
 
-def tiny_infinity_checkpoint(out: str, seed: int = 0, cfg=INFINITY_TINY_D32,
-                             vae_cfg: BSQVAEConfig = BSQ_TINY_D32) -> str:
-  """Random reference Infinity + BSQ VAE saved as .pth next to `out`, converted into `out`."""
+# The d56 (8B) family at small width: 14 channels x 2x2 patchify = 56 bits per token.
+BSQ_TINY_D56 = BSQVAEConfig(codebook_dim=14, base_ch=32, ch_mult=(1, 2, 4, 4),
+                            num_res_blocks=1, apply_spatial_patchify=True)
+
+
+def tiny_infinity_files(src: str, seed: int = 0, cfg=INFINITY_TINY_D32,
+                        vae_cfg: BSQVAEConfig = BSQ_TINY_D32) -> tuple[str, str]:
+  """A random reference Infinity and BSQ VAE with the official key names, saved with
+  torch.save as `src/infinity.pth` and `src/vae.pth` (what convert.infinity reads)."""
   import torch  # pylint: disable=g-import-not-at-top
-  from convert import infinity as convert_infinity  # pylint: disable=g-import-not-at-top
   from tests.reference import bsq_vae_torch  # pylint: disable=g-import-not-at-top
   from tests.reference.infinity_torch import InfinityRef, init_random_  # pylint: disable=g-import-not-at-top
   tm = InfinityRef(depth=cfg.depth, embed_dim=cfg.embed_dim, num_heads=cfg.num_heads,
                    d_vae=cfg.d_vae, text_channels=cfg.text_channels,
                    block_chunks=cfg.block_chunks)
   init_random_(tm, seed)
-  src = out.rstrip("/") + "_src"
   os.makedirs(src, exist_ok=True)
   model_pth, vae_pth = os.path.join(src, "infinity.pth"), os.path.join(src, "vae.pth")
   torch.save(tm.state_dict(), model_pth)
@@ -38,6 +42,14 @@ def tiny_infinity_checkpoint(out: str, seed: int = 0, cfg=INFINITY_TINY_D32,
   with torch.no_grad():
     bsq_vae_torch.randomize_(vae, seed + 1)
   torch.save(vae.state_dict(), vae_pth)
+  return model_pth, vae_pth
+
+
+def tiny_infinity_checkpoint(out: str, seed: int = 0, cfg=INFINITY_TINY_D32,
+                             vae_cfg: BSQVAEConfig = BSQ_TINY_D32) -> str:
+  """Random reference Infinity + BSQ VAE saved as .pth next to `out`, converted into `out`."""
+  from convert import infinity as convert_infinity  # pylint: disable=g-import-not-at-top
+  model_pth, vae_pth = tiny_infinity_files(out.rstrip("/") + "_src", seed, cfg, vae_cfg)
   convert_infinity.convert(model_pth, vae_pth, out, progress=False)
   return out
 

@@ -17,14 +17,19 @@ from convert.common import ConversionError
 from sparvar_jax import checkpoint, configs
 from sparvar_jax.models.var import load_var
 from tests.conftest import golden_dir
+from tests.reference import var_vqvae_torch as vqvae_torch
 from tests.test_var_model import TINY, inputs, rel_err, torch_teacher, torch_var
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def vae_path():
-  return os.path.join(golden_dir("var_tiny"), "vae_tiny.pth")  # vocab 512, Cvae 32
+def vae_path(tmp_path_factory):
+  """A random VQVAE (vocab 512, Cvae 32, ch 32: the tiny VAR's) saved with torch.save."""
+  path = str(tmp_path_factory.mktemp("vae") / "vae_tiny_random.pth")
+  torch.save(vqvae_torch.randomize_(vqvae_torch.VQVAE(vocab_size=512, ch=32), 5).state_dict(),
+             path)
+  return path
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +54,16 @@ def _leftovers(parent, out_name):
 def test_cli_round_trip(tiny, vae_path, tmp_path):
   tm, var_path = tiny
   out = tmp_path / "ckpt"
+  # JAX_PLATFORMS unset: the converter picks the CPU itself, without probing for a TPU.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   r = subprocess.run([sys.executable, "-m", "convert.var", f"--var={var_path}",
                       f"--vae={vae_path}", f"--out={out}"], cwd=REPO, capture_output=True,
-                     text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+                     text=True, env=env, timeout=300)
   assert r.returncode == 0, r.stderr
   assert "converting VAR checkpoint" in r.stderr  # progress shown
+  # Quiet: no absl INFO lines (orbax logs ~50 per conversion), no backend probing.
+  assert not [l for l in r.stderr.splitlines() if l.startswith("I") and "] " in l], r.stderr
+  assert "Unable to initialize backend" not in r.stderr
   cfgs, meta = checkpoint.read_config(str(out))
   assert cfgs["var"] == TINY
   assert (cfgs["vae"].vocab_size, cfgs["vae"].z_channels) == (512, 32)
@@ -70,11 +80,11 @@ def test_cli_round_trip(tiny, vae_path, tmp_path):
   assert n_model == n_file
 
 
-def test_golden_var_tiny_via_converted_directory(vae_path, tmp_path):
+def test_golden_var_tiny_via_converted_directory(tmp_path):
   d = golden_dir("var_tiny")
   out = str(tmp_path / "golden_ckpt")
-  var_cfg, _ = convert_var.convert(os.path.join(d, "var_tiny.pth"), vae_path, out,
-                                   progress=False)
+  var_cfg, _ = convert_var.convert(os.path.join(d, "var_tiny.pth"),
+                                   os.path.join(d, "vae_tiny.pth"), out, progress=False)
   assert var_cfg == TINY
   var, _ = load_var(out)
   g = np.load(os.path.join(d, "golden.npz"))
@@ -83,14 +93,19 @@ def test_golden_var_tiny_via_converted_directory(vae_path, tmp_path):
 
 
 def test_overwrite(tiny, vae_path, tmp_path):
+  """An existing --out needs --overwrite, which replaces a converted checkpoint (and
+  refuses any other folder: tests/test_convert_output.py)."""
   out = tmp_path / "ckpt"
-  out.mkdir()
-  (out / "old.txt").write_text("keep me")
+  cfg_small = dataclasses.replace(TINY, depth=1)
+  small = _save_sd(tmp_path, torch_var(cfg_small, seed=3).state_dict(), "var_d1.pth")
+  convert_var.convert(small, vae_path, str(out), progress=False)
+  assert checkpoint.read_config(str(out))[0]["var"] == cfg_small
   with pytest.raises(ConversionError, match="already exists.*--overwrite"):
     convert_var.convert(tiny[1], vae_path, str(out), progress=False)
-  assert (out / "old.txt").read_text() == "keep me"
+  assert checkpoint.read_config(str(out))[0]["var"] == cfg_small
   convert_var.convert(tiny[1], vae_path, str(out), overwrite=True, progress=False)
-  assert not (out / "old.txt").exists() and (out / "config.json").exists()
+  assert checkpoint.read_config(str(out))[0]["var"] == TINY
+  assert sorted(os.listdir(tmp_path)) == ["ckpt", "var_d1.pth"]  # the old one is gone
 
 
 def _expect_error(var_path, vae_path, tmp_path, match):

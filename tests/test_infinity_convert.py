@@ -12,18 +12,23 @@ import torch
 
 from convert import infinity as conv
 from convert.common import ConversionError
+from sparvar_jax import configs
 from sparvar_jax.models.infinity import load_infinity
-from tests.conftest import golden_dir
-
-
-def _paths(name):
-  d = golden_dir(name)
-  return os.path.join(d, "infinity_tiny.pth"), os.path.join(d, "vae_tiny.pth")
+from tests import fixtures
 
 
 @pytest.fixture(scope="module")
-def d32():
-  return _paths("infinity_tiny_d32")
+def d32(tmp_path_factory):
+  """A random tiny Infinity of the 2B family (32 bits) and its BSQ VAE, as .pth files."""
+  return fixtures.tiny_infinity_files(str(tmp_path_factory.mktemp("d32")), seed=0)
+
+
+@pytest.fixture(scope="module")
+def d56(tmp_path_factory):
+  """The same for the 8B family (56 bits: 14 channels, 2x2 patchify)."""
+  return fixtures.tiny_infinity_files(str(tmp_path_factory.mktemp("d56")), seed=2,
+                                      cfg=configs.INFINITY_TINY_D56,
+                                      vae_cfg=fixtures.BSQ_TINY_D56)
 
 
 @pytest.fixture(scope="module")
@@ -81,13 +86,13 @@ def test_cli_round_trip_and_load(d32, tmp_path):
   assert seen == [(0, 2), (1, 2)]
 
 
-def test_pairing_check_names_the_right_vae(d32):
-  _, vae56 = _paths("infinity_tiny_d56_patchify")
+def test_pairing_check_names_the_right_vae(d32, d56):
   with pytest.raises(ConversionError, match="infinity_vae_d32reg.pth"):
-    conv.convert_trees(d32[0], vae56)
-  m56, _ = _paths("infinity_tiny_d56_patchify")
+    conv.convert_trees(d32[0], d56[1])
   with pytest.raises(ConversionError, match="infinity_vae_d56_f8_14_patchify.pth"):
-    conv.convert_trees(m56, d32[1])
+    conv.convert_trees(d56[0], d32[1])
+  trees, cfgs, _ = conv.convert_trees(*d56)  # and the right pair converts
+  assert cfgs["infinity"]["d_vae"] == 56 and cfgs["vae"]["apply_spatial_patchify"]
 
 
 def test_strict_keys(sd32, d32, tmp_path):

@@ -126,9 +126,11 @@ def test_labels_are_checked_against_the_checkpoints_class_count(tmp_path):
   outside [0, 10) are refused in one paragraph, not by a traceback from the generator."""
   import torch
   from convert import var as convert_var
-  from tests.conftest import golden_dir
   from tests.reference import var_torch
-  vae = os.path.join(golden_dir("var_tiny"), "vae_tiny.pth")  # vocab 512, Cvae 32
+  from tests.reference import var_vqvae_torch
+  vae = str(tmp_path / "vae.pth")  # vocab 512, Cvae 32
+  torch.save(var_vqvae_torch.randomize_(var_vqvae_torch.VQVAE(vocab_size=512, ch=32), 1)
+             .state_dict(), vae)
   torch.manual_seed(0)
   tm = var_torch.VARTorch(vocab_size=512, num_classes=10, depth=1, embed_dim=64, num_heads=1)
   torch.save(tm.state_dict(), tmp_path / "var.pth")

@@ -100,12 +100,22 @@ def test_greedy_cfg_matches_torch_reference(tmp_path, shared_aln):
   assert np.abs(res.image_BHW3 - ref_img).max() <= 1e-4
 
 
-def test_more_smooth_and_top_p_paths_run(converted):
-  """The Gumbel (`more_smooth`) and top-k/top-p paths: finite images, seed-deterministic."""
+def test_more_smooth_and_top_p_paths_run(tmp_path):
+  """The Gumbel (`more_smooth`) and top-k/top-p paths on a converted random VAR: finite
+  images, the same for the same seed, different for another."""
+  import torch
+  from convert import var as convert_var
   from sparvar_jax.families.var import VARSampling, var_generator
   from sparvar_jax.models.var import load_var
-  _, out = converted
-  var, vae = load_var(out)
+  from tests.reference import var_torch, var_vqvae_torch
+  torch.save(var_torch.randomize_(var_torch.VARTorch(vocab_size=512, depth=2, embed_dim=128,
+                                                     num_heads=2), seed=3).state_dict(),
+             tmp_path / "var.pth")
+  torch.save(var_vqvae_torch.randomize_(var_vqvae_torch.VQVAE(vocab_size=512, ch=32), seed=4)
+             .state_dict(), tmp_path / "vae.pth")
+  convert_var.convert(str(tmp_path / "var.pth"), str(tmp_path / "vae.pth"),
+                      str(tmp_path / "ck"), progress=False)
+  var, vae = load_var(str(tmp_path / "ck"))
   gen = var_generator(var, vae, batch=2,
                      settings=VARSampling(cfg=1.5, top_k=50, top_p=0.9, more_smooth=True))
   a = gen([1, 2], seed=3)
