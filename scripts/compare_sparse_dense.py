@@ -46,6 +46,7 @@ VARIANTS = {
     "csla_only": (SparVARConfig(use_cs4a=False), 0, 0),
     "csla_exact": (SparVARConfig(csla_granularity="exact"), 0, 0),
     "kv_shift": (SparVARConfig(mapping="kv_shift"), 0, 0),
+    "cs4a_blocks": (SparVARConfig(cs4a_granularity="block"), 0, 0),
     "dense_skip2": (None, 2, 0),
 }
 

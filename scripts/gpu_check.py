@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -51,6 +52,16 @@ _MODELS = {
     "inf8b": (["scripts/bench_infinity.py", "--model", "8b"],
               ["bench_infinity.py", "--model", "8b", "--warmup", "2", "--iters", "5",
                "--profile", "0"], ".baseline/official_infinity", "Infinity-8B 1024px cfg4 (ms)"),
+    # Dense vs SparVAR (and skip / drop-uncond, and attention off) in one process; ours runs
+    # twice on one fresh compilation cache: the first call cold, then warm.
+    "gen2b": (["scripts/bench_generate.py", "--model", "2b"],
+              ["bench_infinity.py", "--model", "2b", "--warmup", "2", "--iters", "5",
+               "--profile", "0"], ".baseline/official_infinity",
+              "Infinity-2B 1024px cfg4, plans (ms)"),
+    "gen8b": (["scripts/bench_generate.py", "--model", "8b"],
+              ["bench_infinity.py", "--model", "8b", "--warmup", "2", "--iters", "5",
+               "--profile", "0"], ".baseline/official_infinity",
+              "Infinity-8B 1024px cfg4, plans (ms)"),
 }
 
 
@@ -86,7 +97,12 @@ def run_models(names, out_dir, timeout):
   for name in names:
     ours_cmd, off_cmd, off_cwd, label = _MODELS[name]
     rec = {"name": name, "label": label}
-    for who, cmd, cwd in (("official", off_cmd, off_cwd), ("ours", ours_cmd, None)):
+    runs = [("official", off_cmd, off_cwd), ("ours", ours_cmd, None)]
+    if name.startswith("gen"):
+      cache = tempfile.mkdtemp(prefix="xla_cache_")
+      runs = [runs[0], ("ours", ours_cmd + ["--cache_dir", cache], None),
+              ("ours_warm", ours_cmd + ["--cache_dir", cache, "--repeats", "1"], None)]
+    for who, cmd, cwd in runs:
       cwd = os.path.join(ROOT, cwd) if cwd else ROOT
       if who == "official" and not os.path.exists(os.path.join(cwd, cmd[0])):
         rec[who] = {"error": f"baseline source missing: {os.path.join(cwd, cmd[0])}"}
@@ -118,7 +134,7 @@ def main():
   p.add_argument("--bench-args", default="", help="extra arguments for bench_attention.py")
   p.add_argument("--models", default="", help=f"comma-separated of {sorted(_MODELS)}: "
                  "end-to-end benchmarks, ours vs official in this call")
-  p.add_argument("--model-timeout", type=int, default=240)
+  p.add_argument("--model-timeout", type=int, default=600)
   p.add_argument("--pytest", action="store_true", help="also run the GPU-marked tests "
                  "(pytest -m gpu tests/)")
   args = p.parse_args()
@@ -185,6 +201,17 @@ def main():
       errs = "; ".join(f"{w}: {r[w]['error'][:120]}" for w in ("ours", "official")
                        if isinstance(r.get(w), dict) and "error" in r[w])
       print(f"{r['label']:<34} official {fmt(t_off):>8}  ours {fmt(t_ours):>8}  {sp:>7}  {errs}")
+      for v, rec in (r.get("ours") or {}).get("variants", {}).items():
+        warm = ((r.get("ours_warm") or {}).get("variants") or {}).get(v, {})
+        print(f"  {v:<14} {rec['median_ms_no_decode']:8.1f} ms  first call "
+              f"{rec['first_call_s']:.1f} s cold / {warm.get('first_call_s', float('nan')):.1f} "
+              f"s warm  retraced {rec['steps_traced_again_new_image']}  peak "
+              f"{rec['peak_gib_so_far_incl_autotune']:.1f} GiB  per scale "
+              f"{' '.join(f'{x:.1f}' for x in rec['per_scale_ms'])}")
+      att = (r.get("ours") or {}).get("attention_ms_scales_10_12")
+      if att:
+        print("  attention at scales 10-12 (ms): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in att.items() if v is not None))
   print(f"clocks at start: {env['clocks_start']}; at end: {_clocks()}")
   print(f"total {time.time() - t0:.0f} s; commit {env['commit']}; {env['kind']}")
 

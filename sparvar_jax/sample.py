@@ -42,7 +42,8 @@ from absl import app
 from absl import flags
 
 from sparvar_jax.runner import LoopSettings, RunArgs, Terminated, UsageError
-from sparvar_jax.sparse.config import CSLA_GRANULARITIES, MAPPINGS, SparVARConfig
+from sparvar_jax.sparse.config import (CS4A_GRANULARITIES, CSLA_GRANULARITIES, MAPPINGS,
+                                       SparVARConfig)
 
 _SV = SparVARConfig()  # flag defaults come from the policy's own defaults
 
@@ -131,6 +132,10 @@ _SV_OCACHE = flags.DEFINE_bool("sparvar_output_cache", _SV.output_cache, "SparVA
 _SV_CSLA_GRAN = flags.DEFINE_enum("sparvar_csla_granularity", _SV.csla_granularity,
                                   list(CSLA_GRANULARITIES), "SparVAR: block (whole visited "
                                   "blocks, as the authors) or exact (the token rule).")
+_SV_CS4A_GRAN = flags.DEFINE_enum("sparvar_cs4a_granularity", _SV.cs4a_granularity,
+                                  list(CS4A_GRANULARITIES), "SparVAR: token (the authors': "
+                                  "single keys per query group) or block (whole key blocks per "
+                                  "query block, the block-sparse kernel).")
 _SV_CS4A = flags.DEFINE_bool("sparvar_cs4a", _SV.use_cs4a, "SparVAR: CS4A on (off: those "
                              "layers run dense).")
 _SV_CSLA = flags.DEFINE_bool("sparvar_csla", _SV.use_csla, "SparVAR: CSLA on (off: those "
@@ -149,6 +154,7 @@ _SPARVAR_ONLY = ("sparvar_decision_scale", "sparvar_top_keys", "sparvar_bound_la
                  "sparvar_sink_scales", "sparvar_csla_windows", "sparvar_cs4a_bands",
                  "sparvar_group_size", "sparvar_key_multiple", "sparvar_block_size",
                  "sparvar_mapping", "sparvar_output_cache", "sparvar_csla_granularity",
+                 "sparvar_cs4a_granularity",
                  "sparvar_cs4a", "sparvar_csla", "sparvar_kernels")
 
 
@@ -181,7 +187,8 @@ def _sparvar_config() -> SparVARConfig | None:
         cs4a_bands=_int_list("sparvar_cs4a_bands", _SV_BANDS.value),
         group_size=_SV_GROUP.value, key_multiple=_SV_MULTIPLE.value, block_size=_SV_BLOCK.value,
         mapping=_SV_MAPPING.value, output_cache=_SV_OCACHE.value,
-        csla_granularity=_SV_CSLA_GRAN.value, use_cs4a=_SV_CS4A.value, use_csla=_SV_CSLA.value)
+        csla_granularity=_SV_CSLA_GRAN.value, cs4a_granularity=_SV_CS4A_GRAN.value,
+        use_cs4a=_SV_CS4A.value, use_csla=_SV_CSLA.value)
   except PlanError as e:
     raise UsageError(f"--attention sparvar: {e}") from None
 

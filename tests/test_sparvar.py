@@ -140,6 +140,28 @@ def test_assembled_lists_and_kv_shift_against_naive():
     np.testing.assert_array_equal(got[1, 0, 0, :sinks], np.arange(sinks))
 
 
+def test_block_tables_and_masks_against_naive():
+  """Block mode: the static band blocks are the blocks holding the bands; the traced mask
+  lists every table block once, the last (partial) key block in the partial list."""
+  grids = WIDE
+  lists = cs4a.later_scale_lists(grids, 3, 5, (3, 5), 16, 16, "group")
+  source, table = cs4a.static_block_table(grids, 3, 5, (3, 5), 16, 16)
+  np.testing.assert_array_equal(source, lists.source_G)
+  for g in range(table.shape[0]):
+    assert set(np.nonzero(table[g])[0]) == set((lists.static_GN[g] // 16).tolist())
+  rng = np.random.default_rng(4)
+  kv_len = 75  # five blocks of 16, the last partial
+  t = rng.random((2, 1, 3, 5)) < 0.5
+  m = cs4a.mask_from_table(jnp.asarray(t), q_len=40, kv_len=kv_len, block=16, max_blocks=5)
+  types = m.block_types()
+  np.testing.assert_array_equal(types > 0, t)
+  assert (types[..., :4][t[..., :4]] == 2).all() and (types[..., 4][t[..., 4]] == 1).all()
+  blocks = jnp.asarray(rng.integers(0, 5, (2, 1, 2, 2)), jnp.int32)
+  got = np.asarray(cs4a.block_table(blocks, 5))
+  for idx in np.ndindex(2, 1, 2):
+    assert set(np.nonzero(got[idx])[0]) == set(np.asarray(blocks[idx]).tolist())
+
+
 def test_topk_and_column_sums_against_numpy():
   rng = np.random.default_rng(1)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 40, 2, 16)), jnp.float32) for _ in range(3))
@@ -222,13 +244,16 @@ def _run(tiny, grids, plan_fn, *, forced=None, options=LoopOptions(), cfg=3.0, *
   return gen(feats, lens, forced=forced, return_logits=True, decode=False, **kw)
 
 
-@pytest.mark.parametrize("grids", [SQUARE, WIDE], ids=["square", "wide"])
-def test_interpret_kernels_equal_the_reference_plan(tiny, grids):
+@pytest.mark.parametrize("grids,granularity", [(SQUARE, "token"), (WIDE, "token"),
+                                               (WIDE, "block")],
+                         ids=["square", "wide", "wide-blocks"])
+def test_interpret_kernels_equal_the_reference_plan(tiny, grids, granularity):
   """The whole plan with the Pallas kernels (interpret mode) against the pure-jnp one."""
-  ref = _run(tiny, grids, lambda s: sparvar_plan(s, 3, SMALL, kernels="reference"),
+  cfg = dataclasses.replace(SMALL, cs4a_granularity=granularity)
+  ref = _run(tiny, grids, lambda s: sparvar_plan(s, 3, cfg, kernels="reference"),
              return_state=True)
   forced = ref.tokens_per_scale
-  ker = _run(tiny, grids, lambda s: sparvar_plan(s, 3, SMALL, kernels="interpret"),
+  ker = _run(tiny, grids, lambda s: sparvar_plan(s, 3, cfg, kernels="interpret"),
              forced=forced, return_state=True)
   for si in range(6):
     assert rel(ker.logits_per_scale[si], ref.logits_per_scale[si]) < 1e-5, si
@@ -240,9 +265,11 @@ def test_interpret_kernels_equal_the_reference_plan(tiny, grids):
   assert rel(ref.logits_per_scale[5], dense.logits_per_scale[5]) > 1e-3  # sparse is sparse
 
 
-@pytest.mark.parametrize("csla_granularity", ["block", "exact"])
-def test_all_keys_budget_equals_dense(tiny, csla_granularity):
-  cfg = dataclasses.replace(ALL_KEYS, csla_granularity=csla_granularity)
+@pytest.mark.parametrize("csla_granularity,cs4a_granularity", [("block", "token"),
+                                                             ("exact", "block")])
+def test_all_keys_budget_equals_dense(tiny, csla_granularity, cs4a_granularity):
+  cfg = dataclasses.replace(ALL_KEYS, csla_granularity=csla_granularity,
+                            cs4a_granularity=cs4a_granularity)
   dense = _run(tiny, SQUARE, lambda s: dense_plan(s, 3))
   sparse = _run(tiny, SQUARE, lambda s: sparvar_plan(s, 3, cfg, kernels="reference"),
                 forced=dense.tokens_per_scale)

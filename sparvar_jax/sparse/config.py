@@ -14,6 +14,7 @@ from sparvar_jax.schedules import Schedule
 
 MAPPINGS = ("group", "kv_shift")
 CSLA_GRANULARITIES = ("block", "exact")
+CS4A_GRANULARITIES = ("token", "block")
 
 
 def key_budget(fraction: float, kv_len: int, multiple: int) -> int:
@@ -56,6 +57,10 @@ class SparVARConfig:
     residual cache).
   csla_granularity: "block" (whole 128x128 blocks with a visible token, as the authors run
     it) or "exact" (the token rule inside the blocks).
+  cs4a_granularity: "token" (the authors': each group of `group_size` queries keeps single
+    keys, run by the token-gather kernel) or "block" (our variant: groups are the
+    block-sparse kernel's query blocks of `block_size` and keep whole key blocks, the top
+    ones of the block-pooled column sums, run by the block-sparse kernel).
   use_cs4a / use_csla: ablations; a disabled part runs dense.
   """
 
@@ -71,6 +76,7 @@ class SparVARConfig:
   mapping: str = "group"
   output_cache: bool = True
   csla_granularity: str = "block"
+  cs4a_granularity: str = "token"
   use_cs4a: bool = True
   use_csla: bool = True
 
@@ -86,6 +92,9 @@ class SparVARConfig:
       raise PlanError(f"sink_scales must be >= 0, got {self.sink_scales}")
     if self.mapping not in MAPPINGS:
       raise PlanError(f"mapping must be one of {MAPPINGS}, got {self.mapping!r}")
+    if self.cs4a_granularity not in CS4A_GRANULARITIES:
+      raise PlanError(f"cs4a_granularity must be one of {CS4A_GRANULARITIES}, got "
+                      f"{self.cs4a_granularity!r}")
     if self.csla_granularity not in CSLA_GRANULARITIES:
       raise PlanError(f"csla_granularity must be one of {CSLA_GRANULARITIES}, got "
                       f"{self.csla_granularity!r}")
@@ -154,7 +163,32 @@ class ResolvedSparVAR:
     return cs4a.later_scale_lists(self.grids, self.decision, k, self.bands, c.group_size,
                                   c.key_multiple, c.mapping)
 
+  @property
+  def block_mode(self) -> bool:
+    return self.config.cs4a_granularity == "block"
+
+  @property
+  def query_group(self) -> int:
+    """Queries per CS4A group: group_size, or the block size in block mode."""
+    return self.config.block_size if self.block_mode else self.config.group_size
+
+  @property
+  def budget_blocks(self) -> int:
+    """Key blocks per group at the decision scale (block mode)."""
+    return max(1, int(round(self.budget / self.config.block_size)))
+
+  def static_blocks(self, k: int):
+    """Block mode: (source group [G_k], bool [G_k, nKb]) of scale k's static bands."""
+    from sparvar_jax.sparse import cs4a  # pylint: disable=g-import-not-at-top
+    c = self.config
+    return cs4a.static_block_table(self.grids, self.decision, k, self.bands, c.block_size,
+                                   c.key_multiple)
+
   def keys_per_group(self, k: int) -> int:
+    """Selected keys per group (block mode: the most any group visits, in tokens)."""
+    if self.block_mode:
+      extra = 0 if k == self.decision else int(self.static_blocks(k)[1].sum(-1).max())
+      return (self.budget_blocks + extra) * self.config.block_size
     if k == self.decision:
       return self.budget
     lists = self.lists(k)

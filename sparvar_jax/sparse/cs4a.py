@@ -220,12 +220,21 @@ def listed_attention_reference(q, k, v, indices_BHGK, residual=None, *, group_si
   """Each query group attends to its listed keys only (a repeated key counts twice), plus
   the residual: float32 XLA, o [B, l, H, c] in q's dtype. k, v [B, S, H, c], indices in
   [0, S)."""
-  B, l, H, _ = q.shape
   S = k.shape[1]
   bi, hi, gi, _ = jnp.indices(indices_BHGK.shape, sparse=True)
   mult_BHGS = jnp.zeros(indices_BHGK.shape[:3] + (S,), jnp.float32).at[
       bi, hi, gi, indices_BHGK].add(1.0)
-  mult = jnp.take(mult_BHGS, jnp.asarray(_group_of_query(l, group_size)), axis=2)
+  return group_mask_attention_reference(q, k, v, mult_BHGS, residual, group_size=group_size,
+                                        scale=scale)
+
+
+def group_mask_attention_reference(q, k, v, mult_BHGS, residual=None, *, group_size: int,
+                                   scale: float):
+  """Each query group attends to the keys its row of `mult_BHGS` weights (0: not seen, 2:
+  counted twice), plus the residual: float32 XLA, o in q's dtype."""
+  l = q.shape[1]
+  mult = jnp.take(mult_BHGS.astype(jnp.float32), jnp.asarray(_group_of_query(l, group_size)),
+                  axis=2)
   logits = jnp.einsum("BLHc,BSHc->BHLS", q, k, preferred_element_type=jnp.float32) * scale
   logits = jnp.where(mult > 0, logits, -jnp.inf)
   m = jnp.max(logits, axis=-1, keepdims=True)
@@ -236,6 +245,79 @@ def listed_attention_reference(q, k, v, indices_BHGK, residual=None, *, group_si
   if residual is not None:
     o = o + residual.astype(jnp.float32)
   return o.astype(q.dtype)
+
+
+# ------------------------------------------------------- block granularity (our variant)
+# Query groups are the block-sparse kernel's query blocks and keys are chosen as whole key
+# blocks: the top blocks of the block-pooled column sums at the decision scale, plus the
+# blocks that hold each group's current-scale band later. Lists are built from a per-group
+# block table, so a block chosen twice (a decision block that also holds band keys) is
+# visited once.
+
+
+def block_budget(token_budget: int, block: int) -> int:
+  """Key blocks per group for a token budget (at least one)."""
+  return max(1, int(round(token_budget / block)))
+
+
+def pool_blocks(colsum_BHGS: jax.Array, block: int) -> jax.Array:
+  """Column sums summed per key block: [B, H, G, ceil(S / block)]."""
+  S = colsum_BHGS.shape[-1]
+  nk = -(-S // block)
+  x = jnp.pad(colsum_BHGS, [(0, 0)] * 3 + [(0, nk * block - S)])
+  return x.reshape(x.shape[:3] + (nk, block)).sum(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def static_block_table(grids: Grids, decision: int, k: int, bands: tuple[int, ...],
+                       block: int, multiple: int) -> tuple[np.ndarray, np.ndarray]:
+  """(source group [G_k], bool [G_k, nKb_k]: the key blocks holding each group's bands of
+  scales decision+1..k) for query groups of `block` queries."""
+  lists = later_scale_lists(grids, decision, k, bands, block, multiple, "group")
+  nk = -(-int(_cum(grids)[k + 1]) // block)
+  table = np.zeros((lists.static_GN.shape[0], nk), bool)
+  rows = np.repeat(np.arange(table.shape[0]), lists.static_GN.shape[1])
+  table[rows, lists.static_GN.reshape(-1) // block] = True
+  table.setflags(write=False)
+  return lists.source_G, table
+
+
+def block_table(blocks_BHGK: jax.Array, num_kv_blocks: int, source_G=None,
+                static_GK: np.ndarray | None = None) -> jax.Array:
+  """bool [B, H, G, nKb]: the decision blocks (of the source group) | the static blocks."""
+  if source_G is not None:
+    blocks_BHGK = jnp.take(blocks_BHGK, jnp.asarray(source_G), axis=2)
+  table = jnp.any(jax.nn.one_hot(blocks_BHGK, num_kv_blocks, dtype=jnp.bool_), axis=-2)
+  if static_GK is not None:
+    table = table | jnp.asarray(static_GK)[None, None]
+  return table
+
+
+def mask_from_table(table_BHQK: jax.Array, *, q_len: int, kv_len: int, block: int,
+                    max_blocks: int):
+  """A traced `BlockMask` (block-granular, every visited block computed whole) from a
+  per-query-block table; at most `max_blocks` per row (a static bound). The last key block
+  goes to the partial list when kv_len is not a block multiple, so its padding is masked."""
+  from pallas_kernels import BlockMask  # pylint: disable=g-import-not-at-top
+  nk = table_BHQK.shape[-1]
+  tail = kv_len % block != 0
+  full = table_BHQK.at[..., nk - 1].set(False) if tail else table_BHQK
+  width = min(max_blocks, nk)
+  # selected blocks first, ascending (a stable sort on "not selected")
+  order = jnp.argsort(~full, axis=-1, stable=True)[..., :width].astype(jnp.int32)
+  full_num = full.sum(-1).astype(jnp.int32)
+  if tail:
+    part_num = table_BHQK[..., nk - 1].astype(jnp.int32)
+  else:
+    part_num = jnp.zeros(table_BHQK.shape[:3], jnp.int32)
+  part_idx = jnp.full(table_BHQK.shape[:3] + (1,), nk - 1, jnp.int32)
+  return BlockMask(full_num, order, part_num, part_idx, q_len=q_len, kv_len=kv_len,
+                   block_q=block, block_kv=block)
+
+
+def block_table_tokens(table_BHGK: jax.Array, kv_len: int, block: int) -> jax.Array:
+  """The table per key token: [B, H, G, kv_len] float (1 where the token's block is in)."""
+  return jnp.repeat(table_BHGK, block, axis=-1)[..., :kv_len].astype(jnp.float32)
 
 
 def topk_indices(colsum_BHGS: jax.Array, budget: int) -> jax.Array:

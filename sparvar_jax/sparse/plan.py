@@ -85,7 +85,8 @@ class LayerAttention:
 
   def _decide(self, mode, q, k_buf, v_buf, kv_len, state, scale):
     del state
-    sv, gs = self.sparvar, self.sparvar.config.group_size
+    sv = self.sparvar
+    gs = sv.query_group
     k, v = k_buf[:, :kv_len], v_buf[:, :kv_len]
     if mode == "reference":
       o, colsum = cs4a.dense_colsum_reference(q, k, v, group_size=gs, scale=scale)
@@ -94,20 +95,34 @@ class LayerAttention:
       o, colsum = dense_colsum_attention(
           q, k, v, group_size=gs, scale=scale, interpret=mode == "interpret",
           config=ColsumConfig(block_q=tile, dense=BlockSparseConfig(tile, 64, 4, 2)))
-    idx = cs4a.topk_indices(colsum, sv.budget)
+    if sv.block_mode:
+      bs = sv.config.block_size
+      idx = cs4a.topk_indices(cs4a.pool_blocks(colsum, bs), sv.budget_blocks)
+    else:
+      idx = cs4a.topk_indices(colsum, sv.budget)
     o_cache = None
     if sv.config.output_cache:
-      o_sparse = self._gather(mode, q, k_buf, v_buf, kv_len, idx, None, scale)
+      if sv.block_mode:
+        table = cs4a.block_table(idx, -(-kv_len // bs))
+        o_sparse = self._blocks(mode, q, k_buf, v_buf, kv_len, table, sv.budget_blocks, None,
+                                scale)
+      else:
+        o_sparse = self._gather(mode, q, k_buf, v_buf, kv_len, idx, None, scale)
       o_cache = (o.astype(jnp.float32) - o_sparse.astype(jnp.float32)).astype(q.dtype)
     return o, cs4a.CS4AState(idx, o_cache)
 
   def _listed(self, mode, q, k_buf, v_buf, kv_len, state, scale):
     sv = self.sparvar
-    idx = cs4a.assemble_lists(state.indices_BHGK, sv.lists(self.scale))
     residual = None
     if state.o_cache_BlHc is not None:
       residual = cs4a.upsample_cache(state.o_cache_BlHc, sv.grids[sv.decision],
                                      sv.grids[self.scale]).astype(q.dtype)
+    if sv.block_mode:
+      source, static = sv.static_blocks(self.scale)
+      table = cs4a.block_table(state.indices_BHGK, static.shape[1], source, static)
+      bound = sv.budget_blocks + int(static.sum(-1).max())
+      return self._blocks(mode, q, k_buf, v_buf, kv_len, table, bound, residual, scale), None
+    idx = cs4a.assemble_lists(state.indices_BHGK, sv.lists(self.scale))
     return self._gather(mode, q, k_buf, v_buf, kv_len, idx, residual, scale), None
 
   def _gather(self, mode, q, k_buf, v_buf, kv_len, idx, residual, scale):
@@ -118,6 +133,22 @@ class LayerAttention:
     return gather_attention(q, k_buf, v_buf, idx, None, residual, group_size=gs, scale=scale,
                             config=GatherConfig(block_q=_tile(gs)),
                             interpret=mode == "interpret")
+
+  def _blocks(self, mode, q, k_buf, v_buf, kv_len, table, max_blocks, residual, scale):
+    """Block mode: each query block attends to the key blocks of its table row."""
+    bs = self.sparvar.config.block_size
+    if mode == "reference":
+      mult = cs4a.block_table_tokens(table, kv_len, bs)
+      return cs4a.group_mask_attention_reference(q, k_buf[:, :kv_len], v_buf[:, :kv_len],
+                                                 mult, residual, group_size=bs, scale=scale)
+    mask = cs4a.mask_from_table(table, q_len=q.shape[1], kv_len=kv_len, block=bs,
+                                max_blocks=max_blocks + 1)
+    config = None if bs % 128 == 0 else BlockSparseConfig(_tile(bs, 128), _tile(bs, 64))
+    o = block_sparse_attention(q, k_buf, v_buf, mask, scale=scale, config=config,
+                               interpret=mode == "interpret")
+    if residual is not None:
+      o = (o.astype(jnp.float32) + residual.astype(jnp.float32)).astype(q.dtype)
+    return o
 
   def _csla(self, mode, q, k_buf, v_buf, kv_len, state, scale):
     del state
