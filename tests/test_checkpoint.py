@@ -55,9 +55,11 @@ def _copy(src, dst, edit=None):
 
 
 def _sample(ckpt, tmp_path):
-  """The sampling CLI on `ckpt` (it reads the config, then the trees)."""
+  """The sampling CLI on `ckpt` (it reads the config, then the trees; greedy, so the
+  default top-k cannot exceed the tiny vocabulary and stop it before the trees)."""
   return subprocess.run([sys.executable, "-m", "sparvar_jax.sample", "--checkpoint", ckpt,
-                         "--labels", "1", "--out", str(tmp_path / "samples")], cwd=REPO,
+                         "--labels", "1", "--top_k", "1", "--out", str(tmp_path / "samples")],
+                        cwd=REPO,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
                         text=True, timeout=300)
 

@@ -9,7 +9,7 @@ import subprocess
 import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GOLDEN_NAMES = ("var_tiny", "infinity_tiny_d32", "infinity_tiny_d56_patchify")
+GOLDEN_NAMES = ("var_tiny", "infinity_tiny_d32", "infinity_tiny_d56_patchify", "sparvar_tiny")
 
 
 def _script(path, body):

@@ -35,8 +35,15 @@ def test_greedy_is_argmax_and_sampling_respects_filter():
     assert np.take_along_axis(kept, idx[..., None], -1).all()
 
 
-@pytest.mark.parametrize("top_k,top_p,msg", [(-1, 0.0, "top_k"), (0, 1.0, "top_p"),
+@pytest.mark.parametrize("top_k,top_p,msg", [(-1, 0.0, "top_k"), (0, 1.5, "top_p"),
                                              (0, -0.1, "top_p"), (600, 0.0, "vocabulary")])
 def test_validate_rejects(top_k, top_p, msg):
   with pytest.raises(ValueError, match=msg):
     sampling.validate(top_k, top_p, vocab_size=512)
+
+
+def test_top_p_one_keeps_every_token():
+  """top_p = 1 removes nothing (the official `cum <= 1 - top_p` never holds), as in HF."""
+  logits = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 50)), jnp.float32)
+  np.testing.assert_array_equal(np.asarray(sampling.top_k_top_p_filter(logits, 0, 1.0)),
+                                np.asarray(logits))

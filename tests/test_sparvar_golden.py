@@ -24,7 +24,10 @@ from sparvar_jax.sparse import cs4a
 from sparvar_jax.sparse.plan import SparVARConfig, dense_plan, sparvar_plan
 from tests.conftest import golden_dir
 
-TOL = 1e-2  # fixture README: teacher-forced logits with the official bf16 rounding
+# The fixture allows ~1e-2 (the official bf16 rounding of cross-attention amplifies float32
+# noise); the authors' own code moves these logits by up to 8.3e-4 under 1e-6 relative input
+# noise (meta.json noise_self_disagreement), and we agree with it to ~1e-4: hold that level.
+TOL = 1e-3
 _CACHE = {}
 
 
