@@ -30,8 +30,7 @@ from sparvar_jax.configs import InfinityConfig
 from sparvar_jax.nn import AdaLin, AdaLNBeforeHead, FFN, KVCache, SelfAttention
 from sparvar_jax.nn import modulate, scan_layers, stack_modules, unbind_chunks
 from sparvar_jax.nn.attention import DENSE
-from sparvar_jax.nn.stack import AllLayers as _AllLayers
-from sparvar_jax.nn.stack import scan_layer_range
+from sparvar_jax.nn.stack import run_segments
 from sparvar_jax.nn.cross_attention import CrossAttention
 from sparvar_jax.nn.rope import apply_rope2d, rope2d_table
 from sparvar_jax.schedules import Schedule
@@ -175,25 +174,14 @@ class Infinity(nnx.Module):
     segments: the scale's plan segments (`.start`, `.stop`, `.attend`); None runs every
     layer dense. A segment whose attention consumes sparse state scans over `sparse`
     (leading axis = its layers); one that produces it returns the new state."""
-    segments = segments or (_AllLayers(self.cfg.depth),)
-    for seg in segments:
-      attend = seg.attend
+    def call_block(blk, x, cache, i, attend, st):
+      k = jax.lax.dynamic_index_in_dim(ca_k, i, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(ca_v, i, 0, keepdims=False)
+      return blk(x, gss, k, v, text_mask_BT, rope_2Lk=rope_2Lk, mask=mask, cache=cache,
+                 layer=i, offset=offset, attend=attend, attn_state=st)
 
-      def body(blk, carry, i, st, attend=attend):
-        x, cache = carry
-        k = jax.lax.dynamic_index_in_dim(ca_k, i, 0, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(ca_v, i, 0, keepdims=False)
-        x, cache, out = blk(x, gss, k, v, text_mask_BT, rope_2Lk=rope_2Lk, mask=mask,
-                            cache=cache, layer=i, offset=offset, attend=attend,
-                            attn_state=st)
-        return (x, cache), out
-
-      xs = sparse if attend.consumes_state else None
-      (x_BLC, cache), ys = scan_layer_range(self.blocks, seg.start, seg.stop, body,
-                                            (x_BLC, cache), xs)
-      if attend.produces_state:
-        sparse = ys
-    return x_BLC, cache, sparse
+    return run_segments(self.blocks, self.cfg.depth, segments, call_block, x_BLC, cache,
+                        sparse)
 
   def forward(self, text_BTK, text_mask_BT, x_BLd_wo_prefix, schedule: Schedule):
     """Teacher forcing (official `Infinity.forward`): logits [B, L, 2d] fp32.

@@ -37,7 +37,7 @@ from sparvar_jax.nn.ffn import FFN
 from sparvar_jax.nn.kv_cache import KVCache
 from sparvar_jax.nn.self_attention import SelfAttention
 from sparvar_jax.nn.attention import DENSE
-from sparvar_jax.nn.stack import AllLayers, scan_layer_range, stack_modules
+from sparvar_jax.nn.stack import run_segments, stack_modules
 
 F32 = jnp.float32
 
@@ -171,22 +171,13 @@ class VAR(nnx.Module):
     segments: the scale's plan segments (`.start`, `.stop`, `.attend`), None = every layer
     dense; sparse: the SparVAR state the segments consume or produce."""
     cond = self.shared_ada_lin(cond_BD) if self.cfg.shared_aln else cond_BD
-    x_BLC = x_BLC.astype(F32)
-    for seg in segments or (AllLayers(self.cfg.depth),):
-      attend = seg.attend
 
-      def body(blk, carry, i, st, attend=attend):
-        x, c = carry
-        x, c, out = blk(x, cond, mask=mask, cache=c, layer=i, offset=offset, attend=attend,
-                        attn_state=st)
-        return (x, c), out
+    def call_block(blk, x, c, i, attend, st):
+      return blk(x, cond, mask=mask, cache=c, layer=i, offset=offset, attend=attend,
+                 attn_state=st)
 
-      xs = sparse if attend.consumes_state else None
-      (x_BLC, cache), ys = scan_layer_range(self.blocks, seg.start, seg.stop, body,
-                                            (x_BLC, cache), xs)
-      if attend.produces_state:
-        sparse = ys
-    return x_BLC, cache, sparse
+    return run_segments(self.blocks, self.cfg.depth, segments, call_block, x_BLC.astype(F32),
+                        cache, sparse)
 
   def logits(self, x_BLC: jax.Array, cond_BD: jax.Array) -> jax.Array:
     """head(head_nm(x, cond)) in fp32 -> logits_BLV."""

@@ -78,3 +78,24 @@ class AllLayers:
 
   def __init__(self, depth: int):
     self.start, self.stop, self.attend = 0, depth, DENSE
+
+
+def run_segments(stacked: nnx.Module, depth: int, segments, call_block, x, cache, sparse):
+  """The layers as an attention plan's segments, one lax.scan each -> (x, cache, sparse).
+
+  segments: `.start`, `.stop`, `.attend` each (None: every layer dense).
+  `call_block(layer, x, cache, i, attend, layer_state) -> (x, cache, layer_out)` runs one
+  layer. A segment whose attention consumes sparse state scans over `sparse` (leading axis
+  = its layers); one that produces it returns the new state, stacked over its layers.
+  """
+  for seg in segments or (AllLayers(depth),):
+    def body(blk, carry, i, st, attend=seg.attend):
+      x, cache = carry
+      x, cache, out = call_block(blk, x, cache, i, attend, st)
+      return (x, cache), out
+
+    xs = sparse if seg.attend.consumes_state else None
+    (x, cache), ys = scan_layer_range(stacked, seg.start, seg.stop, body, (x, cache), xs)
+    if seg.attend.produces_state:
+      sparse = ys
+  return x, cache, sparse
