@@ -10,8 +10,6 @@ next scale. VAR's `patch_nums` are a square `Schedule`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,7 +132,3 @@ def var_generator(var, vqvae, batch: int, settings: VARSampling = VARSampling(),
   """A `ScaleLoop` for VAR: call it with labels [B] (and seed= or keys=)."""
   return ScaleLoop(VARAdapter(var, vqvae, settings, cache_dtype), batch, plan, options)
 
-
-def labels_or_sampled(adapter: VARAdapter, labels: Sequence[int] | None, seed: int,
-                      batch: int) -> list[int]:
-  return list(labels) if labels is not None else adapter.sample_labels(seed, batch).tolist()

@@ -255,11 +255,6 @@ def group_mask_attention_reference(q, k, v, mult_BHGS, residual=None, *, group_s
 # visited once.
 
 
-def block_budget(token_budget: int, block: int) -> int:
-  """Key blocks per group for a token budget (at least one)."""
-  return max(1, int(round(token_budget / block)))
-
-
 def pool_blocks(colsum_BHGS: jax.Array, block: int) -> jax.Array:
   """Column sums summed per key block: [B, H, G, ceil(S / block)]."""
   S = colsum_BHGS.shape[-1]

@@ -34,7 +34,6 @@ from sparvar_jax.schedules import Schedule
 from sparvar_jax.sparse import cs4a, csla
 from sparvar_jax.sparse.config import PlanError, ResolvedSparVAR, SparVARConfig
 
-KINDS = ("dense", "dense_colsum", "cs4a", "csla")
 KERNELS = ("auto", "reference", "interpret")
 
 def _tile(size: int, preferred: int = 64) -> int:
