@@ -115,6 +115,8 @@ class Family:
 
 def main(argv):
   del argv
+  from sparvar_jax.runner import quiet_unless_asked  # pylint: disable=g-import-not-at-top
+  quiet_unless_asked()
   import numpy as np  # pylint: disable=g-import-not-at-top
   import dm_pix  # pylint: disable=g-import-not-at-top
   from sparvar_jax import outputs, runner  # pylint: disable=g-import-not-at-top
@@ -195,5 +197,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.FLAGS.set_default("verbosity", -1)
   app.run(main)

@@ -53,6 +53,15 @@ class RunArgs:
   loop: LoopSettings
 
 
+def quiet_unless_asked() -> None:
+  """Library INFO logs (orbax restoring trees, JAX probing for a TPU) only when --verbosity
+  asks for them: absl's own default shows INFO. Call after the flags are parsed."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def setup_jax():
   """Imports JAX with the persistent compilation cache on (`$SPARVAR_COMPILE_CACHE`, default
   ~/.cache/sparvar_jax/xla): a second run of the same shapes compiles nothing."""

@@ -41,6 +41,7 @@ import sys
 from absl import app
 from absl import flags
 
+from sparvar_jax import runner
 from sparvar_jax.runner import LoopSettings, RunArgs, Terminated, UsageError
 from sparvar_jax.sparse.config import (CS4A_GRANULARITIES, CSLA_GRANULARITIES, MAPPINGS,
                                        SparVARConfig)
@@ -273,6 +274,7 @@ def main(argv):
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
     sys.exit(2)
+  runner.quiet_unless_asked()
   from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
   from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
   from sparvar_jax.text import T5LoadError  # pylint: disable=g-import-not-at-top
@@ -298,11 +300,5 @@ def main(argv):
     sys.exit(2)
 
 
-def _quiet_by_default():
-  """Library INFO logs (orbax, JAX's backend probing) only with --verbosity >= 0."""
-  flags.FLAGS.set_default("verbosity", -1)  # absl's WARNING
-
-
 if __name__ == "__main__":
-  _quiet_by_default()
   app.run(main)

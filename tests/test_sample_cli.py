@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -139,6 +140,25 @@ def test_labels_are_checked_against_the_checkpoints_class_count(tmp_path):
            "--labels", "3,50", "--top_k", "1")
   _assert_clean_error(p, "error:", "class ids must be in [0, 10)", "50")
   assert not (tmp_path / "o" / "report.json").exists()
+  # The default top-k (900) exceeds this 512-code vocabulary: refused before any weight is
+  # read (no "model:" line), with what to pass instead.
+  p = _run("--out", str(tmp_path / "o"), "--checkpoint", str(tmp_path / "ck"), "--labels", "3")
+  _assert_clean_error(p, "top_k=900 exceeds the vocabulary size 512", "--top_k <= 512")
+  assert "model:" not in p.stderr
+  # A run that loads the checkpoint prints no library INFO logs (orbax's restore, JAX's
+  # backend probing: JAX_PLATFORMS left unset here) unless --verbosity asks; top_p 1 is
+  # "keep everything", accepted.
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  env["PYTHONPATH"] = _ROOT
+  cmd = [sys.executable, "-m", "sparvar_jax.sample", "--out", str(tmp_path / "ok"),
+         "--checkpoint", str(tmp_path / "ck"), "--labels", "3", "--top_k", "1", "--top_p", "1"]
+  p = subprocess.run(cmd, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert p.returncode == 0, p.stderr[-3000:]
+  assert not re.search(r"^[IW]\d{4} ", p.stderr, re.M), p.stderr[-3000:]
+  assert "Unable to initialize backend" not in p.stderr
+  p = subprocess.run(cmd[:4] + [str(tmp_path / "ok2")] + cmd[5:] + ["--verbosity", "0"],
+                     cwd=_ROOT, env=env, capture_output=True, text=True, timeout=240)
+  assert p.returncode == 0 and re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[-3000:]
 
 
 def _run_with_umask(umask, *args):
