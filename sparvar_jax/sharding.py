@@ -145,9 +145,9 @@ def _path_str(path) -> str:
 
 def infinity_param_specs(state: Any, model_parallel: int) -> Any:
   """PartitionSpecs for an Infinity parameter state (`nnx.state(model)`) split over
-  `model_parallel` devices; a split axis that the count does not divide stays whole
-  (ValueError naming it: the heads and FFN width of the released models divide 2, 4, 7
-  (8B only) and 8 (2B only), so a count that does not is refused up front)."""
+  `model_parallel` devices (`_INFINITY_TP_RULES`; everything else replicated). ValueError
+  naming the parameter if the count does not divide an axis it splits (the released
+  models' 16 / 28 heads and FFN widths: 2, 4 or 8 for the 2B; 2, 4, 7 for the 8B)."""
   def spec(path, x):
     name = _path_str(path)
     for pattern, s in _INFINITY_TP_RULES:
@@ -159,10 +159,3 @@ def infinity_param_specs(state: Any, model_parallel: int) -> Any:
         return s
     return P()
   return jax.tree_util.tree_map_with_path(spec, state)
-
-
-def check_model_parallel(cfg, model_parallel: int) -> None:
-  """Refuses a model-parallel count that does not divide the heads of `cfg` (Infinity)."""
-  if model_parallel > 1 and cfg.num_heads % model_parallel:
-    raise ValueError(f"--model_parallel {model_parallel} must divide the model's "
-                     f"{cfg.num_heads} attention heads")
