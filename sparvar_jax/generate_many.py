@@ -48,8 +48,10 @@ unless --allow_changed_settings (those items are made again). --batch, the devic
 and the process count may change between runs.
 
 Devices: data parallel over every local device (--batch is rounded up to a multiple of
-their count). --model_parallel N (Infinity) splits the weights over groups of N devices:
-attention heads and FFN units.
+their count; every call has the full batch). The same rows per device give the same bits
+whatever the device count; another per-device batch can round the floats differently
+(XLA picks other kernels), not the keys. --model_parallel N (Infinity) splits the weights
+over groups of N devices: attention heads and FFN units.
 
 Processes: with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or
 --coordinator_address, --num_processes, --process_id) jax.distributed starts; process p
@@ -58,6 +60,9 @@ have finished process 0 merges the shards into manifest.jsonl. Without a coordin
 --num_processes / --process_id still split the items (independent jobs, e.g. an array
 job), and `--merge` with the same arguments merges after they all finished. A process
 that died resumes its slice when run again with the same arguments.
+
+Throughput without weights: --random_model var_d16 (..., infinity_8b) builds a released
+model's size with random weights; scripts/bench_many.py runs it on one GPU and on all.
 """
 
 from __future__ import annotations
