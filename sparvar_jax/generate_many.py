@@ -531,7 +531,7 @@ class _Progress:
   def __init__(self, total: int, label: str):
     self.total, self.done, self.t0 = total, 0, time.perf_counter()
     self.bar = None
-    if sys.stderr.isatty():
+    if sys.stderr.isatty() and total > 0:
       import shutil  # pylint: disable=g-import-not-at-top
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       # A terminal that reports no size (a pseudo-terminal nobody sized) would get no bar.
@@ -685,10 +685,8 @@ def _mesh(jax, model_parallel: int):
   return sharding.make_mesh(jax.local_devices(), model_parallel)
 
 
-def run() -> dict[str, Any]:
-  """The CLI body; returns the summary. Raises UsageError and friends on bad input."""
-  from sparvar_jax import runner  # pylint: disable=g-import-not-at-top
-  procs = processes()
+def _family() -> tuple[_Family, list[Item], list[dict[str, Any]]]:
+  """The family (VAR or Infinity) with the run's settings checked, and the items read."""
   cfgs = cli_flags.checkpoint_configs(cli_flags.CHECKPOINT.value)
   if _RANDOM_MODEL.value is not None:
     if cfgs is not None or cli_flags.DEMO.present:
@@ -699,15 +697,15 @@ def run() -> dict[str, Any]:
   if wrong:
     what = ("Infinity (text-to-image)" if kind == "infinity" else
             "VAR (class-conditional ImageNet)")
+    source = f"checkpoint {cli_flags.CHECKPOINT.value!r}" if cli_flags.CHECKPOINT.value else \
+        "random weights"
     raise UsageError(f"{', '.join(wrong)} do not apply to the {what} model of this run "
-                     f"({'checkpoint ' + repr(cli_flags.CHECKPOINT.value) if cfgs else 'demo'}"
-                     f"); drop them.")
+                     f"({source}); drop them.")
   mp = _MODEL_PARALLEL.value
-  if mp != 1:
-    if kind != "infinity":
-      raise UsageError("--model_parallel applies to Infinity; VAR runs data parallel only.")
-    if mp < 1:
-      raise UsageError(f"--model_parallel must be >= 1, got {mp}")
+  if mp < 1:
+    raise UsageError(f"--model_parallel must be >= 1, got {mp}")
+  if mp > 1 and kind != "infinity":
+    raise UsageError("--model_parallel applies to Infinity; VAR runs data parallel only.")
   num_classes = 0
   if kind == "var":
     from sparvar_jax import configs  # pylint: disable=g-import-not-at-top
@@ -715,23 +713,18 @@ def run() -> dict[str, Any]:
   items, bad = read_items(kind, num_classes)
   sparvar_needed = cli_flags.ATTENTION.value == "sparvar" or any(
       it.fields.get("attention") == "sparvar" for it in items)
-  args = cli_flags.run_args(out=_OUT.value, overwrite=False, batch=_BATCH.value,
-                            save_npz=False, sparvar_needed=sparvar_needed)
   if mp > 1 and sparvar_needed:
     raise UsageError("--model_parallel with SparVAR attention is not supported yet; use "
                      "--attention dense (and no \"attention\": \"sparvar\" items).")
-
+  args = cli_flags.run_args(out=_OUT.value, overwrite=False, batch=_BATCH.value,
+                            save_npz=False, sparvar_needed=sparvar_needed)
   family = (VARFamily if kind == "var" else InfinityFamily)(args, cfgs, mp)
   family.check_defaults()
-  out = outputs.prepare_dir(args.out)
+  return family, items, bad
 
-  # The numerics an image depends on are the device's (auto: bfloat16 on a GPU), so JAX
-  # (and jax.distributed, which must come first) starts before the items are resolved.
-  if not _MERGE.value:
-    _start_distributed(procs)
-  jax = runner.setup_jax()
-  dtype_name, dtype, attn_impl = runner.resolve_dtype(jax, args.dtype, args.attn_impl)
-  family.numerics = {"dtype": dtype_name, "attn_impl": attn_impl}
+
+def _jobs(family: _Family, items: list[Item], bad: list[dict], report: bool) -> list[Job]:
+  """Resolves every item; the ones that cannot be made join `bad` (printed if `report`)."""
   width = max(6, len(str(max(len(items) + len(bad) - 1, 0))))
   jobs = []
   for item in items:
@@ -740,7 +733,7 @@ def run() -> dict[str, Any]:
     except ItemError as e:
       bad.append({"line": item.line, "item": item.index, "error": str(e)})
   bad.sort(key=lambda b: b["item"])
-  if procs.index == 0:
+  if report:
     for b in bad:
       print(f"warning: line {b['line']}: {b['error'].rstrip('.')}; skipped.", file=sys.stderr)
     for j in jobs:
@@ -750,11 +743,12 @@ def run() -> dict[str, Any]:
   if not jobs:
     raise UsageError(f"no item can be made: all {len(bad)} lines of --input are bad (listed "
                      "above).")
+  return jobs
 
-  # What --out holds: done items are skipped; items made with other settings are refused
-  # (for every process alike: they all read the same files) unless allowed.
-  recs = manifest.read_records(out)
-  latest = manifest.latest_records(recs)
+
+def _refuse_changed(out: str, jobs: list[Job], latest: dict[int, dict]) -> list[tuple]:
+  """Items whose latest record has other settings: refused unless allowed (every process
+  decides alike: they all read the same files)."""
   changed = [(j.index, j.settings, latest[j.index].get("settings") or {}) for j in jobs
              if j.index in latest and latest[j.index].get("settings") != j.settings]
   if changed and not _ALLOW_CHANGED.value:
@@ -763,13 +757,34 @@ def run() -> dict[str, Any]:
         f"with other settings: {manifest.describe_changes(changed)}. To resume, run with the "
         "settings they were made with; to make those items again with these settings, add "
         "--allow_changed_settings; or choose another --out.")
-  started = {"made": 0}
+  return changed
+
+
+def run() -> dict[str, Any]:
+  """The CLI body; returns the summary. Raises UsageError and friends on bad input."""
+  from sparvar_jax import runner  # pylint: disable=g-import-not-at-top
+  procs = processes()
+  family, items, bad = _family()
+  args, mp = family.args, family.model_parallel
+  out = outputs.prepare_dir(args.out)
+  # The numerics an image depends on are the device's (auto: bfloat16 on a GPU), so JAX
+  # (and jax.distributed, which must come first) starts before the items are resolved.
+  if not _MERGE.value:
+    _start_distributed(procs)
+  jax = runner.setup_jax()
+  dtype_name, dtype, attn_impl = runner.resolve_dtype(jax, args.dtype, args.attn_impl)
+  family.numerics = {"dtype": dtype_name, "attn_impl": attn_impl}
+  jobs = _jobs(family, items, bad, report=procs.index == 0)
+  recs = manifest.read_records(out)
+  latest = manifest.latest_records(recs)
+  changed = _refuse_changed(out, jobs, latest)
   if _MERGE.value:
     summary = finish(out, jobs, bad, family, set(), {"processes": procs.count})
-    _print_summary(out, summary, started)
+    _print_summary(out, summary, 0)
     return summary
 
   mine = [j for j in jobs if procs.owns(j.index)]
+  mine_idx = {j.index for j in mine}
   own_files = {j.file for j in mine} | ({manifest.MANIFEST, manifest.SUMMARY, manifest.FID_NPZ}
                                        if procs.index == 0 else set())
   manifest.remove_temps(out, None if procs.count == 1 else own_files)
@@ -782,13 +797,6 @@ def run() -> dict[str, Any]:
         continue
       damaged += 1
     todo.append(j)
-  # This process's file keeps one record per done item of its slice (cut lines and
-  # superseded records go) and whatever else it held.
-  name = manifest.shard_name(procs.index, procs.count)
-  mine_idx = {j.index for j in mine}
-  keep = [rec for f, rec in recs if f == name and (
-      rec["item"] not in mine_idx or (rec["item"] in verified and rec is latest[rec["item"]]))]
-  writer = manifest.ManifestWriter(out, name, keep)
   remade = sum(1 for i, _, _ in changed if i in mine_idx)
   if verified or damaged or remade:
     print(f"resuming in {out}: {len(verified)} of this process's {len(mine)} images are "
@@ -796,70 +804,78 @@ def run() -> dict[str, Any]:
           f"{f'; {remade} items with changed settings are made again' if remade else ''}.",
           file=sys.stderr)
 
-  mesh = _mesh(jax, mp)
-  ndev = 1 if mesh is None else int(mesh.shape["batch"])
-  per = family.per_device_batch if args.batch is None else -(-args.batch // ndev)
-  batch = per * ndev
-  if args.batch is not None and batch != args.batch:
-    print(f"note: --batch {args.batch} rounded up to {batch}, a multiple of the {ndev} "
-          "data-parallel devices.", file=sys.stderr)
-  run_info = {"process": procs.index, "rows_per_device": per, "model_parallel": mp}
-  t0 = time.perf_counter()
-  source = family.load(jax, dtype, attn_impl, mesh, mp) if todo else "(nothing to load)"
-  load_s = time.perf_counter() - t0
-  if todo:
-    print(f"model: {source}", file=sys.stderr)
-    print(f"process {procs.index + 1}/{procs.count}: {len(todo)} images to make on "
-          f"{len(jax.local_devices())} device(s) ({jax.local_devices()[0].platform}), "
-          f"batch {batch}", file=sys.stderr)
-
-  images = ImageWriter(out, writer, run_info)
-  progress = _Progress(len(todo), f"process {procs.index}" if procs.count > 1 else "images")
-  t0 = time.perf_counter()
+  # This process's manifest file keeps one record per done item of its slice (cut lines
+  # and superseded records go) and whatever else it held; new lines are appended. Its
+  # lock is taken first: a second run of the same slice stops before loading anything.
+  name = manifest.shard_name(procs.index, procs.count)
+  keep = [rec for f, rec in recs if f == name and (
+      rec["item"] not in mine_idx or (rec["item"] in verified and rec is latest[rec["item"]]))]
+  lines = manifest.ManifestWriter(out, name, keep)
+  images = None
   try:
-    with runner.sigterm_as_exception():
-      calls = generate_jobs(family, todo, batch, mesh, images.submit, progress)
-  finally:
-    progress.close()
+    mesh = _mesh(jax, mp)
+    ndev = 1 if mesh is None else int(mesh.shape["batch"])
+    per = family.per_device_batch if args.batch is None else -(-args.batch // ndev)
+    batch = per * ndev
+    if args.batch is not None and batch != args.batch:
+      print(f"note: --batch {args.batch} rounded up to {batch}, a multiple of the {ndev} "
+            "data-parallel devices.", file=sys.stderr)
+    t0 = time.perf_counter()
+    source = family.load(jax, dtype, attn_impl, mesh, mp) if todo else "(nothing to load)"
+    load_s = time.perf_counter() - t0
+    if todo:
+      print(f"model: {source}", file=sys.stderr)
+      print(f"process {procs.index + 1}/{procs.count}: {len(todo)} images to make on "
+            f"{len(jax.local_devices())} device(s) ({jax.local_devices()[0].platform}), "
+            f"batch {batch}", file=sys.stderr)
+    images = ImageWriter(out, lines, {"process": procs.index, "rows_per_device": per,
+                                      "model_parallel": mp})
+    progress = _Progress(len(todo), f"process {procs.index}" if procs.count > 1 else "images")
+    t0 = time.perf_counter()
     try:
-      images.close()  # every image handed over is written, with its line
+      with runner.sigterm_as_exception():
+        calls = generate_jobs(family, todo, batch, mesh, images.submit, progress)
     finally:
-      writer.close()
-      verified |= images.done
-      started["made"] = len(images.done)
+      progress.close()
+  finally:
+    try:
+      if images is not None:
+        images.close()  # every image handed over is written, with its line
+    finally:
+      lines.close()
+  verified |= images.done
   gen_s = time.perf_counter() - t0
   # Throughput after each group's first call (which compiles): what a long run sustains.
   later = [(n, secs) for k, n, secs in calls if k > 0]
   steady = sum(n for n, _ in later) / sum(s for _, s in later) if later else None
-  extra = {"processes": procs.count, "devices": [str(d) for d in jax.local_devices()],
-           "batch": batch, "model_parallel": mp,
-           "this_process": {"index": procs.index, "made": started["made"],
-                            "already_done": len(mine) - len(todo),
-                            "remade_damaged": damaged, "load_seconds": load_s,
-                            "generate_seconds": gen_s,
-                            "images_per_second": started["made"] / gen_s if gen_s > 0 else None,
-                            "steady_images_per_second": steady,
-                            "calls": len(calls), "groups": sum(1 for k, *_ in calls if k == 0)}}
+  made = len(images.done)
+  this = {"index": procs.index, "made": made, "already_done": len(mine) - len(todo),
+          "remade_damaged": damaged, "load_seconds": load_s, "generate_seconds": gen_s,
+          "images_per_second": made / gen_s if gen_s > 0 else None,
+          "steady_images_per_second": steady, "calls": len(calls),
+          "groups": sum(1 for k, *_ in calls if k == 0)}
   if procs.count > 1:
     if procs.coordinator is None:
       npz = f" and {manifest.FID_NPZ}" if family.fid and _FID_NPZ.value else ""
       print(f"process {procs.index}: its {len(mine)} items are done. Once every process has "
             f"finished, run the same command with --merge to write manifest.jsonl{npz}.",
             file=sys.stderr)
-      return {"this_process": extra["this_process"]}
+      return {"this_process": this}
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     multihost_utils.sync_global_devices("sparvar_generate_many_done")
     if procs.index != 0:
       print(f"process {procs.index}: done; process 0 merges the manifest.", file=sys.stderr)
-      return {"this_process": extra["this_process"]}
-  summary = finish(out, jobs, bad, family, verified, extra)
-  _print_summary(out, summary, started)
+      return {"this_process": this}
+  summary = finish(out, jobs, bad, family, verified, {
+      "processes": procs.count, "devices": [str(d) for d in jax.local_devices()],
+      "batch": batch, "model_parallel": mp, "this_process": this})
+  _print_summary(out, summary, made)
   return summary
 
 
-def _print_summary(out: str, summary: dict, started: dict) -> None:
+def _print_summary(out: str, summary: dict, made: int) -> None:
   bad = summary["bad_lines"]
-  lines = [f"{summary['done']} of {summary['items']} items done ({started['made']} made now)"]
+  lines = [f"{summary['done']} of {summary['items']} items done ({made} made now)"]
   if bad:
     lines.append(f"{len(bad)} bad line{'s' if len(bad) > 1 else ''} skipped: " + "; ".join(
         f"line {b['line']} ({b['error']})" for b in bad[:10]) +
