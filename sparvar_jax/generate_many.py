@@ -131,6 +131,11 @@ _VAR_KEYS = frozenset({"label", "seed", "cfg", "top_k", "top_p", "more_smooth", 
 
 _log = logging.getLogger("sparvar_jax.generate_many")
 
+KEY_DERIVATION = ("item i draws from key_i = jax.random.fold_in(jax.random.key(s), i) "
+                  "(threefry) with s = --seed, or from fold_in(key(s), 0) when the item "
+                  "gives its own seed s; scale k draws from fold_in(key_i, k). The manifest "
+                  "records each item's (s, i).")
+
 
 @dataclasses.dataclass
 class Job:
@@ -648,7 +653,7 @@ def finish(out: str, jobs: list[Job], bad: list[dict], family: _Family, verified
     npz = manifest.write_fid_npz(out, [j.file for j in ordered], ordered[0].image_hw)
   summary = {"items": len(jobs) + len(bad), "done": len(chosen), "missing": missing[:1000],
              "missing_count": len(missing), "bad_lines": bad, "manifest": manifest.MANIFEST,
-             "fid_npz": npz, **extra}
+             "fid_npz": npz, "key_derivation": KEY_DERIVATION, **extra}
   outputs.save_json(os.path.join(out, manifest.SUMMARY), summary)
   return summary
 

@@ -103,6 +103,7 @@ def test_four_devices_make_the_single_device_images(tmp_path):
   assert {r["rows_per_device"] for r in r4} == {2} and r4[0]["settings"]["cfg"] == 1.5
   summary = json.loads((four / "summary.json").read_text())
   assert len(summary["devices"]) == 4 and summary["done"] == 4 and summary["bad_lines"] == []
+  assert "fold_in(key_i, k)" in summary["key_derivation"]
   _assert_fid_npz(four, r4)
   # Image i of `sample --seed 0` draws from fold_in(key(0), i) too.
   ps = subprocess.run(_cmd("--demo", "var", "--labels", "0,0", "--batch", "2", "--out",
