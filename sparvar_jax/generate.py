@@ -14,6 +14,12 @@ Random numbers: image b draws from `keys[b]` folded with the scale index, so an 
 depends on its own key only, never on the batch it was generated in. `row_keys(seed, ids)`
 gives image i the key fold_in(key(seed), i).
 
+Devices: with a `mesh` (sparvar_jax/sharding.py) the loop runs data parallel: parameters
+replicated (or placed beforehand, e.g. split for model parallelism), the condition, keys,
+KV cache, latent and sparse state split by rows over the mesh's `batch` axis, each step's
+outputs pinned to that split. Without one, nothing is placed and the steps are traced as
+on a single device.
+
 Attention: an `AttnPlan` (sparvar_jax/sparse/plan.py) says what each layer range runs at
 each scale; the default is dense everywhere. The decision scale of a SparVAR plan returns
 its key lists and output cache as traced arrays that the later steps take as operands, so a
@@ -32,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sparvar_jax import sharding
 from sparvar_jax.schedules import Schedule
 from sparvar_jax.sparse.plan import AttnPlan, dense_plan
 
@@ -92,13 +99,17 @@ class Result:
 class ScaleLoop:
   """Compiled per-scale steps for one adapter (model + VAE + sampling settings), batch size,
   attention plan and loop options. Call it with the family's condition (VAR: labels;
-  Infinity: text features and lengths)."""
+  Infinity: text features and lengths). mesh: run data parallel over its `batch` axis (the
+batch must be a multiple of that axis' size; see the module docstring)."""
 
   def __init__(self, adapter, batch: int, plan: AttnPlan | None = None,
-               options: LoopOptions = LoopOptions()):
+               options: LoopOptions = LoopOptions(), mesh: jax.sharding.Mesh | None = None):
     if batch < 1:
       raise ValueError(f"batch must be >= 1, got {batch}")
-    self.adapter, self.batch, self.options = adapter, batch, options
+    if mesh is not None and batch % sharding.batch_size_of(mesh):
+      raise ValueError(f"batch {batch} is not a multiple of the mesh's "
+                       f"{sharding.batch_size_of(mesh)} batch devices")
+    self.adapter, self.batch, self.options, self.mesh = adapter, batch, options, mesh
     self.schedule = adapter.schedule
     n = self.schedule.num_scales
     self.plan = plan if plan is not None else dense_plan(self.schedule, adapter.depth)
@@ -110,6 +121,9 @@ class ScaleLoop:
     self.num_run = n - options.skip_last_scales
     self._mdef, self._mstate = nnx.split(adapter.model)
     self._vdef, self._vstate = nnx.split(adapter.vae)
+    if mesh is not None:
+      self._mstate = sharding.place_params(self._mstate, mesh)
+      self._vstate = sharding.place_params(self._vstate, mesh)
     self._begin = jax.jit(self._begin_fn)
     self._halve = jax.jit(self._halve_fn)  # slices: new buffers, nothing to donate
     self._decode = jax.jit(self._decode_fn)
@@ -124,14 +138,18 @@ class ScaleLoop:
 
   # -- traced pieces ------------------------------------------------------------------
 
+  def _rows(self, tree):
+    """On a mesh, pins the arrays of `tree` to the row split (identity otherwise)."""
+    return tree if self.mesh is None else sharding.constrain_rows(tree, self.mesh)
+
   def _begin_fn(self, mstate, vstate, cond):
     model, vae = nnx.merge(self._mdef, mstate), nnx.merge(self._vdef, vstate)
-    return self.adapter.begin(model, vae, cond, self.batch)
+    return self._rows(self.adapter.begin(model, vae, cond, self.batch))
 
   def _halve_fn(self, ctx, cache, sparse):
     B = self.batch
     sparse = None if sparse is None else sparse.rows(0, B)
-    return self.adapter.cond_rows(ctx, B), cache.rows(0, B), sparse
+    return self._rows((self.adapter.cond_rows(ctx, B), cache.rows(0, B), sparse))
 
   def _make_step(self, si: int, forced: bool, want_logits: bool, rows: int):
     ad, B = self.adapter, self.batch
@@ -153,8 +171,8 @@ class ScaleLoop:
       latent, x_next = ad.advance(model, vae, si, tokens, aux, latent, schedule_last, has_next)
       if double_next:
         x_next = jnp.concatenate([x_next, x_next], axis=0)
-      return ad.output_tokens(tokens), (logits if want_logits else None), x_next, cache, \
-          latent, sparse
+      return self._rows((ad.output_tokens(tokens), (logits if want_logits else None), x_next,
+                         cache, latent, sparse))
 
     return jax.jit(step, donate_argnums=(4, 5, 6))
 
@@ -166,7 +184,8 @@ class ScaleLoop:
 
   def _decode_fn(self, vstate, latent):
     vae = nnx.merge(self._vdef, vstate)
-    return ((self.adapter.decode(vae, latent).astype(jnp.float32) + 1.0) * 0.5).clip(0.0, 1.0)
+    return self._rows(((self.adapter.decode(vae, latent).astype(jnp.float32) + 1.0) * 0.5)
+                      .clip(0.0, 1.0))
 
   # -- public -------------------------------------------------------------------------
 
@@ -197,6 +216,8 @@ class ScaleLoop:
       n, decode = max_scales, decode and max_scales == self.num_run
     if forced is not None and len(forced) < n:
       raise ValueError(f"forced has {len(forced)} scales; {n} are computed")
+    if self.mesh is not None:
+      arrays, keys = sharding.put_rows((arrays, keys), self.mesh)
     ctx, x, cache, latent = self._begin(self._mstate, self._vstate, arrays)
     sparse, rows = None, self.rows_at(0)
     tokens_out, logits_out, times = [], [], []

@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -138,11 +140,59 @@ def save_json(path: str, obj: dict[str, Any]) -> None:
   _atomic_write(path, write)
 
 
+def save_jsonl(path: str, records: Iterable[dict[str, Any]]) -> None:
+  """One JSON object a line."""
+  def write(tmp):
+    with open(tmp, "w", encoding="utf-8") as f:
+      for rec in records:
+        f.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
+  _atomic_write(path, write)
+
+
 def save_npz(path: str, **arrays: np.ndarray) -> None:
   def write(tmp):
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
   _atomic_write(path, write)
+
+
+def save_npz_rows(path: str, key: str, shape: tuple[int, ...], dtype,
+                  rows: Iterable[np.ndarray]) -> None:
+  """An `np.savez` file holding one array `key` of `shape`, written from `rows` (arrays of
+  shape[1:]) one at a time: 50,000 256x256 images are 9.8 GB, more than a host should
+  hold at once. ValueError if the rows do not fill exactly `shape` (nothing is left)."""
+  dtype = np.dtype(dtype)
+  header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": tuple(int(d) for d in shape)}
+
+  def write(tmp):
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+      with zf.open(key + ".npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        n = 0
+        for row in rows:
+          row = np.ascontiguousarray(row, dtype)
+          if row.shape != header["shape"][1:] or n >= header["shape"][0]:
+            raise ValueError(f"row {n} has shape {row.shape}; expected {shape[0]} rows of "
+                             f"{header['shape'][1:]}")
+          f.write(row.tobytes())
+          n += 1
+        if n != header["shape"][0]:
+          raise ValueError(f"got {n} rows for an array of {shape[0]}")
+  _atomic_write(path, write)
+
+
+def read_png(path: str) -> np.ndarray | None:
+  """The RGB uint8 image [H, W, 3] of a PNG file, or None if it is missing or does not
+  decode to the end (a damaged file)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as im:
+      if im.format != "PNG" or im.mode != "RGB":
+        return None
+      return np.asarray(im.convert("RGB"))
+  except (OSError, ValueError, SyntaxError):
+    return None
 
 
 class OutputRun:

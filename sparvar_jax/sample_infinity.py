@@ -23,7 +23,7 @@ import zlib
 
 import numpy as np
 
-from sparvar_jax import runner
+from sparvar_jax import runner, schedules
 from sparvar_jax.runner import RunArgs, UsageError
 
 _TEMPLATE_TOL = 1e-3  # templates are h/w truncated to 3 decimals (2:3 -> 0.666)
@@ -35,7 +35,7 @@ T5_CHUNK = 32
 DEMO_PROMPT = "a photo of a cat sitting on a sunny windowsill"
 
 
-def _demo_features(texts, channels: int):
+def demo_features(texts, channels: int):
   """The demo's stand-in for T5: per prompt, one random feature row per word (+1, like
   `</s>`), seeded from the prompt's text, so equal prompts give equal features."""
   rows = []
@@ -142,6 +142,52 @@ def _width_error(err, t5_dir, width, want, ckpt):
              "convert.t5 --hf_dir flan-t5-xl --out DIR` and pass it as --t5.")
 
 
+def resolve_schedule(err, aspect: str | None, pn: str | None):
+  """(schedule, requested h/w, whether it is a template, aspect, pn) for --aspect / --pn
+  (None: 1:1 and 1M); `err` on an unknown pn or an unreadable aspect."""
+  pn = pn or "1M"
+  if pn not in schedules.PN_VALUES:
+    raise err(f"unknown --pn {pn!r}; choose one of {', '.join(schedules.PN_VALUES)} (pixel "
+              "budget: 1M is 1024x1024 at 1:1).")
+  aspect = aspect or "1:1"
+  try:
+    h_div_w = schedules.parse_aspect(aspect)
+  except ValueError as e:
+    raise err(f"--aspect: {e}") from None
+  schedule = schedules.get_schedule(h_div_w, pn)
+  return schedule, h_div_w, abs(schedule.template - h_div_w) <= _TEMPLATE_TOL, aspect, pn
+
+
+def sampling_settings(err, args: RunArgs, tau: str | None, n: int, pn: str):
+  """(InfinitySampling, cfg per scale, tau per scale) from the run's cfg / top_k / top_p
+  and tau (None: Infinity's defaults) for a schedule of n scales; `err` on bad values."""
+  from sparvar_jax.families.infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
+  d = InfinitySampling()  # Infinity's defaults: cfg 3, tau 1, top-k 900, top-p 0.97
+  settings = InfinitySampling(
+      cfg=_per_scale(err, "cfg", args.cfg, d.cfg, n, pn),
+      tau=_per_scale(err, "tau", tau, d.tau, n, pn),
+      top_k=d.top_k if args.top_k is None else args.top_k,
+      top_p=d.top_p if args.top_p is None else args.top_p)
+  try:
+    cfgs_ps, taus_ps = settings.per_scale(n)
+  except ValueError as e:
+    raise err(str(e)) from None
+  return settings, cfgs_ps, taus_ps
+
+
+def open_t5(err, t5_dir: str | None, icfg, ckpt: str | None):
+  """(T5 config, tokenizer) of a converted T5 directory, its width checked against the
+  Infinity config (T5LoadError: one paragraph); (None, None) for the demo (t5_dir None)."""
+  from sparvar_jax import text  # pylint: disable=g-import-not-at-top
+  if t5_dir is None:
+    return None, None
+  t5_cfg = text.read_t5_config(t5_dir)
+  tok = text.T5Tokenizer.from_dir(t5_dir)
+  if t5_cfg.d_model != icfg.text_channels:
+    raise _width_error(err, t5_dir, t5_cfg.d_model, icfg.text_channels, ckpt)
+  return t5_cfg, tok
+
+
 def slug(prompt: str, n: int = 40) -> str:
   s = unicodedata.normalize("NFKD", prompt).encode("ascii", "ignore").decode()
   s = re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:n].rstrip("-")
@@ -178,7 +224,7 @@ def text_features(encoder, tok, icfg, texts, what: str = "prompts", trunc_msgs=N
   about truncated prompts go to stderr and to `trunc_msgs`."""
   from sparvar_jax import text  # pylint: disable=g-import-not-at-top
   if encoder is None:
-    return _demo_features(texts, icfg.text_channels)
+    return demo_features(texts, icfg.text_channels)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", text.PromptTruncatedWarning)
     enc = encode_texts(encoder, tok, texts)
@@ -192,8 +238,7 @@ def text_features(encoder, tok, icfg, texts, what: str = "prompts", trunc_msgs=N
 
 def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
   """Infinity mode; raises UsageError (and the loaders' errors) on bad input."""
-  from sparvar_jax import configs, outputs, schedules, text  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.families.infinity import InfinitySampling  # pylint: disable=g-import-not-at-top
+  from sparvar_jax import configs, outputs, text  # pylint: disable=g-import-not-at-top
 
   err = UsageError
   ckpt = args.checkpoint
@@ -214,40 +259,16 @@ def run(args: RunArgs, iargs: InfinityArgs, cfgs: dict | None) -> dict:
               "unconditional text.")
   batch = min(1 if args.batch is None else args.batch, len(prompts))
 
-  pn = iargs.pn or "1M"
-  if pn not in schedules.PN_VALUES:
-    raise err(f"unknown --pn {pn!r}; choose one of {', '.join(schedules.PN_VALUES)} (pixel "
-              "budget: 1M is 1024x1024 at 1:1).")
-  aspect = iargs.aspect or "1:1"
-  try:
-    h_div_w = schedules.parse_aspect(aspect)
-  except ValueError as e:
-    raise err(f"--aspect: {e}") from None
-  schedule = schedules.get_schedule(h_div_w, pn)
+  schedule, h_div_w, is_template, aspect, pn = resolve_schedule(err, iargs.aspect, iargs.pn)
   n = schedule.num_scales
-  is_template = abs(schedule.template - h_div_w) <= _TEMPLATE_TOL
-
-  d = InfinitySampling()  # Infinity's defaults: cfg 3, tau 1, top-k 900, top-p 0.97
-  settings = InfinitySampling(
-      cfg=_per_scale(err, "cfg", args.cfg, d.cfg, n, pn),
-      tau=_per_scale(err, "tau", iargs.tau, d.tau, n, pn),
-      top_k=d.top_k if args.top_k is None else args.top_k,
-      top_p=d.top_p if args.top_p is None else args.top_p)
-  try:
-    cfgs_ps, taus_ps = settings.per_scale(n)
-  except ValueError as e:
-    raise err(str(e)) from None
+  settings, cfgs_ps, taus_ps = sampling_settings(err, args, iargs.tau, n, pn)
   runner.check_plan(args, schedule, icfg.depth)
 
   # The T5 directory: config, tokenizer and width checked now (read once), weights later.
+  t5_cfg, tok = open_t5(err, None if demo else iargs.t5, icfg, ckpt)
   if demo:
-    tok = t5_cfg = None
-    tokens_full = [int(k) for k in _demo_features(prompts, 1)[1]]
+    tokens_full = [int(k) for k in demo_features(prompts, 1)[1]]
   else:
-    t5_cfg = text.read_t5_config(iargs.t5)  # T5LoadError: one paragraph
-    tok = text.T5Tokenizer.from_dir(iargs.t5)
-    if t5_cfg.d_model != icfg.text_channels:
-      raise _width_error(err, iargs.t5, t5_cfg.d_model, icfg.text_channels, ckpt)
     tokens_full = [len(tok.encode(p)) for p in prompts]
 
   out = outputs.OutputRun(args.out, args.overwrite)

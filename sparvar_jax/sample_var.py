@@ -47,6 +47,33 @@ def parse_labels(text: str | None, batch: int | None) -> tuple[list[int] | None,
   return labels, batch
 
 
+def sampling_settings(args: RunArgs, more_smooth: bool, var_cfg, from_checkpoint: bool,
+                      err=UsageError):
+  """VARSampling from the run's cfg / top_k / top_p (None: the official FID values),
+  checked against the model's vocabulary; `err` on bad values."""
+  from sparvar_jax.families.var import VARSampling  # pylint: disable=g-import-not-at-top
+  cfg = VAR_CFG
+  if args.cfg is not None:
+    try:
+      cfg = float(args.cfg)
+    except ValueError as e:
+      raise err(f"--cfg for VAR must be one number (cfg must be >= 0), got "
+                f"{args.cfg!r}") from e
+  top_k = VAR_TOP_K if args.top_k is None else args.top_k
+  if top_k > var_cfg.vocab_size:
+    raise err(f"top_k={top_k} exceeds the vocabulary size {var_cfg.vocab_size} of "
+              f"{'the model' if from_checkpoint else 'the demo model'}; pass --top_k <= "
+              f"{var_cfg.vocab_size} (0 turns it off, 1 is greedy).")
+  settings = VARSampling(cfg=cfg, top_k=top_k,
+                         top_p=VAR_TOP_P if args.top_p is None else args.top_p,
+                         more_smooth=more_smooth)
+  try:
+    settings.validate(var_cfg.vocab_size)
+  except ValueError as e:
+    raise err(str(e)) from None
+  return settings
+
+
 def load_models(checkpoint: str | None, seed: int, dtype, attn_impl: str):
   """(VAR, VQVAE, description): a converted checkpoint, or the random tiny demo model."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -64,7 +91,6 @@ def load_models(checkpoint: str | None, seed: int, dtype, attn_impl: str):
 
 def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
   from sparvar_jax import configs, outputs, schedules  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.families.var import VARSampling  # pylint: disable=g-import-not-at-top
 
   labels, batch = parse_labels(vargs.labels, args.batch)
   var_cfg = configs.VAR_DEMO if cfgs is None else cfgs["var"]
@@ -73,25 +99,7 @@ def run(args: RunArgs, vargs: VARArgs, cfgs: dict | None) -> dict:
     if bad:
       raise UsageError(f"class ids must be in [0, {var_cfg.num_classes}) (the model's classes), "
                        f"got {bad}")
-  cfg = VAR_CFG
-  if args.cfg is not None:
-    try:
-      cfg = float(args.cfg)
-    except ValueError as e:
-      raise UsageError(f"--cfg for VAR must be one number (cfg must be >= 0), got "
-                       f"{args.cfg!r}") from e
-  top_k = VAR_TOP_K if args.top_k is None else args.top_k
-  if top_k > var_cfg.vocab_size:
-    raise UsageError(f"top_k={top_k} exceeds the vocabulary size {var_cfg.vocab_size} of "
-                     f"{'the model' if cfgs else 'the demo model'}; pass --top_k <= "
-                     f"{var_cfg.vocab_size} (0 turns it off, 1 is greedy).")
-  settings = VARSampling(cfg=cfg, top_k=top_k,
-                         top_p=VAR_TOP_P if args.top_p is None else args.top_p,
-                         more_smooth=vargs.more_smooth)
-  try:
-    settings.validate(var_cfg.vocab_size)
-  except ValueError as e:
-    raise UsageError(str(e)) from None
+  settings = sampling_settings(args, vargs.more_smooth, var_cfg, cfgs is not None)
   schedule = schedules.square_schedule(var_cfg.patch_nums)
   runner.check_plan(args, schedule, var_cfg.depth)
   out = outputs.OutputRun(args.out, args.overwrite)

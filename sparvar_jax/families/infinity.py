@@ -104,6 +104,7 @@ class TextContext:
   ca_k: jax.Array  # [N, B, T, H, c] per-layer cross-attention keys
   ca_v: jax.Array
   mask_BT: jax.Array  # valid text tokens
+  SHARD_AXES = {"ca_k": (1, 3), "ca_v": (1, 3)}  # (rows, heads); the rest: rows first
 
 
 class InfinityAdapter:

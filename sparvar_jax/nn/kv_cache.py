@@ -20,6 +20,7 @@ import jax.numpy as jnp
 class KVCache:
   k: jax.Array  # [N, B, S_pad, H, c]
   v: jax.Array  # [N, B, S_pad, H, c]
+  SHARD_AXES = {"k": (1, 3), "v": (1, 3)}  # (rows, heads): sparvar_jax/sharding.py
 
   @classmethod
   def zeros(cls, num_layers: int, batch: int, length: int, num_heads: int, head_dim: int,

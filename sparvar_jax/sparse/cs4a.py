@@ -161,6 +161,7 @@ class CS4AState:
   decision scale (None without the output cache)."""
   indices_BHGK: jax.Array
   o_cache_BlHc: jax.Array | None
+  SHARD_AXES = {"indices_BHGK": (1, None), "o_cache_BlHc": (1, None)}  # layer-stacked rows
 
   def rows(self, start: int, stop: int) -> "CS4AState":
     """Batch rows [start, stop) of a layer-stacked state (axis 1)."""
