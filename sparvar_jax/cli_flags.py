@@ -198,9 +198,3 @@ def checkpoint_configs(checkpoint: str | None) -> dict | None:
 def model_kind(args: RunArgs, cfgs: dict | None) -> str:
   """'infinity' or 'var': the checkpoint's family, or the demo's."""
   return args.demo if cfgs is None else ("infinity" if "infinity" in cfgs else "var")
-
-
-def out_of_memory(e: BaseException) -> bool:
-  text = str(e)
-  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or \
-      "Out of memory" in text or "out of memory" in text

@@ -82,7 +82,7 @@ from absl import flags
 
 from sparvar_jax import cli_flags, manifest, outputs, runner
 from sparvar_jax.items import Item, ItemError, class_items, file_items, number_list
-from sparvar_jax.runner import RunArgs, Terminated, UsageError
+from sparvar_jax.runner import RunArgs, UsageError
 
 flags.adopt_module_key_flags(cli_flags)  # --help lists the shared flags with these
 
@@ -895,31 +895,11 @@ def _print_summary(out: str, summary: dict, made: int) -> None:
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
-    sys.exit(2)
-  runner.quiet_unless_asked()
-  from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.text import T5LoadError  # pylint: disable=g-import-not-at-top
   _log.setLevel(logging.INFO)  # progress lines; libraries stay at --verbosity
-  try:
-    run()
-  except (UsageError, CheckpointError, OutputError, T5LoadError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except (KeyboardInterrupt, Terminated) as e:
-    sig = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-    print(f"stopped ({sig}): every image written so far is complete and in the manifest; "
-          "run the same command again to resume.", file=sys.stderr)
-    sys.exit(143 if isinstance(e, Terminated) else 130)
-  except Exception as e:  # pylint: disable=broad-except
-    if not cli_flags.out_of_memory(e):
-      raise
-    print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-          f"Use a smaller --batch (now {_BATCH.value or 'default'}), --dtype bfloat16 on a "
-          "GPU, or --model_parallel for Infinity.", file=sys.stderr)
-    sys.exit(2)
+  runner.cli_main(argv, run, on_stop="every image written so far is complete and in the "
+                  "manifest; run the same command again to resume.",
+                  memory_hint=f"Use a smaller --batch (now {_BATCH.value or 'default'}), --dtype "
+                  "bfloat16 on a GPU, or --model_parallel for Infinity.")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,40 @@ def quiet_unless_asked() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def out_of_memory(e: BaseException) -> bool:
+  text = str(e)
+  return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or \
+      "Out of memory" in text or "out of memory" in text
+
+
+def cli_main(argv, run_fn, *, on_stop: str, memory_hint: str) -> None:
+  """The body of a generation CLI's absl main. Bad input and unreadable checkpoints or
+  outputs: one paragraph, exit 2. Ctrl-C / SIGTERM: one line ending in `on_stop`, exit 130 /
+  143. Out of memory: one paragraph ending in `memory_hint`, exit 2."""
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
+    sys.exit(2)
+  quiet_unless_asked()
+  from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
+  from sparvar_jax.text import T5LoadError  # pylint: disable=g-import-not-at-top
+  try:
+    run_fn()
+  except (UsageError, CheckpointError, OutputError, T5LoadError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (KeyboardInterrupt, Terminated) as e:
+    sig = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+    print(f"stopped ({sig}): {on_stop}", file=sys.stderr)
+    sys.exit(143 if isinstance(e, Terminated) else 130)
+  except Exception as e:  # pylint: disable=broad-except
+    if not out_of_memory(e):
+      raise
+    print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+          f"{memory_hint}", file=sys.stderr)
+    sys.exit(2)
+
+
 def setup_jax():
   """Imports JAX with the persistent compilation cache on (`$SPARVAR_COMPILE_CACHE`, default
   ~/.cache/sparvar_jax/xla): a second run of the same shapes compiles nothing."""

@@ -35,13 +35,12 @@ the images finished so far, which are complete, with a report that says so.
 
 from __future__ import annotations
 
-import sys
 
 from absl import app
 from absl import flags
 
 from sparvar_jax import cli_flags, runner
-from sparvar_jax.runner import RunArgs, Terminated, UsageError
+from sparvar_jax.runner import RunArgs, UsageError
 
 flags.adopt_module_key_flags(cli_flags)  # --help lists the shared flags with these
 
@@ -106,33 +105,10 @@ def run() -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}; see --help", file=sys.stderr)
-    sys.exit(2)
-  runner.quiet_unless_asked()
-  from sparvar_jax.checkpoint import CheckpointError  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.outputs import OutputError  # pylint: disable=g-import-not-at-top
-  from sparvar_jax.text import T5LoadError  # pylint: disable=g-import-not-at-top
-  try:
-    run()
-  except (UsageError, CheckpointError, OutputError, T5LoadError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted (Ctrl-C): the images finished so far and report.json are in --out.",
-          file=sys.stderr)
-    sys.exit(130)
-  except Terminated:
-    print("terminated (SIGTERM): the images finished so far and report.json are in --out.",
-          file=sys.stderr)
-    sys.exit(143)
-  except Exception as e:  # pylint: disable=broad-except
-    if not cli_flags.out_of_memory(e):
-      raise
-    print(f"error: out of memory ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-          f"Generate fewer images at a time (--batch, now {_BATCH.value or 'default'}), use "
-          "--dtype bfloat16 on a GPU, or free memory on the device.", file=sys.stderr)
-    sys.exit(2)
+  runner.cli_main(argv, run, on_stop="the images finished so far and report.json are in --out.",
+                  memory_hint=f"Generate fewer images at a time (--batch, now "
+                  f"{_BATCH.value or 'default'}), use --dtype bfloat16 on a GPU, or free memory "
+                  "on the device.")
 
 
 if __name__ == "__main__":
